@@ -1,0 +1,79 @@
+"""Projection head and the student/teacher network that wraps backbone and head.
+
+The head follows the paper: a 3-layer MLP (hidden 2048, GELU, BatchNorm after each hidden layer)
+down to a 256-d bottleneck, L2-normalised so that dot products with the memory are cosines.
+BatchNorm always runs in training mode, on all crops of the global batch at once (12 x B rows for
+the student, 2 x B for the teacher), as the official PyTorch code does. Under jit with sharded
+arrays a BatchNorm without an axis name already reduces over the global batch.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mermed_jax.models.vit import ViT, ViTConfig, exact_gelu
+
+_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    use_bn: bool = True
+
+
+class ProjectionHead(nn.Module):
+    config: HeadConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        x = x.astype(jnp.float32)
+        for i in range(cfg.num_layers - 1):
+            x = nn.Dense(
+                cfg.hidden_dim, name=f"mlp_{i}",
+                kernel_init=nn.with_logical_partitioning(_dense_init, ("embed", "mlp")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+            )(x)
+            if cfg.use_bn:
+                x = nn.BatchNorm(
+                    use_running_average=False, momentum=0.9, epsilon=1e-5, name=f"bn_{i}",
+                    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                )(x)
+            x = exact_gelu(x)
+        x = nn.Dense(
+            cfg.bottleneck_dim, name=f"mlp_{cfg.num_layers - 1}",
+            kernel_init=nn.with_logical_partitioning(_dense_init, ("mlp", "bottleneck")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("bottleneck",)),
+        )(x)
+        norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+        return x / jnp.maximum(norm, 1e-12)
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone once per crop resolution, then the head once on all crops together.
+
+    `crops` is a list of [n_crops, B, H, W, 3] arrays, one per resolution; the output is
+    [sum(n_crops), B, bottleneck] in the same crop order.
+    """
+
+    backbone: ViTConfig
+    head: HeadConfig
+    pool: str = "cls"
+
+    @nn.compact
+    def __call__(self, crops: list[jnp.ndarray], *, train: bool) -> jnp.ndarray:
+        backbone = ViT(self.backbone, name="backbone")
+        features = []
+        for group in crops:
+            n_crops, batch = group.shape[:2]
+            out = backbone(group.reshape((n_crops * batch,) + group.shape[2:]), train=train)
+            features.append(out[self.pool].reshape(n_crops, batch, -1))
+        stacked = jnp.concatenate(features, axis=0)
+        n_total, batch, width = stacked.shape
+        embeddings = ProjectionHead(self.head, name="head")(stacked.reshape(n_total * batch, width))
+        return embeddings.reshape(n_total, batch, -1)

@@ -1,0 +1,265 @@
+"""Vision Transformer backbone, numerically interchangeable with timm/DINO ViTs.
+
+Choices that keep PyTorch weights importable with equal outputs: exact (erf) GELU, LayerNorm eps
+1e-6, a fused qkv projection with bias, a learned absolute position embedding that includes the
+CLS position and is resized with torch's bicubic (see pos_embed.py), and the CLS token taken after
+the final LayerNorm. Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `layers`)
+so that sharding.py alone decides how they are laid out on a mesh.
+"""
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mermed_jax.models.pos_embed import resize_pos_embed_grid
+
+Dtype = Any
+
+# width, depth, heads, mlp_dim. "g" is the ViT-g of Zhai et al. (Scaling Vision Transformers).
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "g": (1408, 40, 16, 6144),
+}
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+LN_EPS = 1e-6
+
+
+def parse_variant(name: str) -> tuple[str, int]:
+    """'B/16' -> ('B', 16), with an error that lists the valid variants."""
+    match = re.fullmatch(r"(\w+)/(\d+)", name)
+    if not match or match.group(1) not in VARIANTS:
+        raise ValueError(f"model.variant={name!r}: expected '<{'|'.join(VARIANTS)}>/<patch size>'")
+    return match.group(1), int(match.group(2))
+
+
+def exact_gelu(x: jnp.ndarray) -> jnp.ndarray:
+    return nn.gelu(x, approximate=False)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the residual branch per sample, with a rate that may be traced."""
+
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, rate: jnp.ndarray | float) -> jnp.ndarray:
+        if self.deterministic:
+            return x
+        keep = 1.0 - jnp.asarray(rate, jnp.float32)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class LayerScale(nn.Module):
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        gamma = self.param(
+            "gamma", nn.with_logical_partitioning(nn.initializers.constant(self.init_value), ("embed",)),
+            (x.shape[-1],), jnp.float32,
+        )
+        return x * gamma.astype(x.dtype)
+
+
+def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=LN_EPS, dtype=dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )
+
+
+class Attention(nn.Module):
+    num_heads: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        width = x.shape[-1]
+        head_dim = width // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
+            kernel_init=nn.with_logical_partitioning(_dense_init, ("embed", None, "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = jax.nn.dot_product_attention(q, k, v)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
+        return nn.DenseGeneral(
+            width, axis=(-2, -1), dtype=self.dtype, name="proj",
+            kernel_init=nn.with_logical_partitioning(_dense_init, ("heads", "kv", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        )(out)
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.hidden_dim, dtype=self.dtype, name="fc1",
+            kernel_init=nn.with_logical_partitioning(_dense_init, ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+        )(x)
+        h = nn.with_logical_constraint(exact_gelu(h), ("act_batch", "act_length", "act_mlp"))
+        return nn.Dense(
+            width, dtype=self.dtype, name="fc2",
+            kernel_init=nn.with_logical_partitioning(_dense_init, ("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        )(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `drop_rate` is an input so one scanned block serves all depths."""
+
+    num_heads: int
+    mlp_dim: int
+    layerscale_init: float | None
+    deterministic: bool
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, drop_rate: jnp.ndarray) -> jnp.ndarray:
+        drop = DropPath(self.deterministic, name="drop_path")
+        y = Attention(self.num_heads, self.dtype, name="attn")(_layer_norm("norm1", self.dtype)(x))
+        if self.layerscale_init is not None:
+            y = LayerScale(self.layerscale_init, name="ls1")(y)
+        x = x + drop(y, drop_rate)
+        y = Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
+        if self.layerscale_init is not None:
+            y = LayerScale(self.layerscale_init, name="ls2")(y)
+        x = x + drop(y, drop_rate)
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
+class _ScannedBlock(nn.Module):
+    """Adapts Block to nn.scan's (carry, x) -> (carry, y) signature."""
+
+    block_kwargs: dict
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, drop_rate: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+        return Block(**self.block_kwargs, name="block")(x, drop_rate), None
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    img_size: int = 224  # the resolution the position grid is learned at
+    num_registers: int = 0
+    layerscale_init: float | None = None
+    drop_path_rate: float = 0.0
+    dtype: str = "bfloat16"
+    remat_policy: str = "none"
+    scan_layers: bool = False
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides: Any) -> "ViTConfig":
+        name, patch = parse_variant(variant)
+        width, depth, heads, mlp = VARIANTS[name]
+        fields = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch)
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
+
+class ViT(nn.Module):
+    """Returns the CLS token and the mean patch token after the final norm, and the mean patch
+    token before it (the input of a fine-tuning head that replaces the final norm)."""
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, *, train: bool) -> dict[str, jnp.ndarray]:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy={cfg.remat_policy!r}: expected one of {list(REMAT_POLICIES)}")
+        x = nn.Conv(
+            cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
+            dtype=dtype, name="patch_embed",
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        )(images.astype(dtype))
+        batch, grid_h, grid_w, _ = x.shape
+        x = x.reshape(batch, grid_h * grid_w, cfg.width)
+
+        side = cfg.img_size // cfg.patch_size
+        pos_embed = self.param(
+            "pos_embed", nn.with_logical_partitioning(_dense_init, (None, None, "embed")),
+            (1, 1 + side * side, cfg.width), jnp.float32,
+        )
+        cls_token = self.param(
+            "cls_token", nn.with_logical_partitioning(nn.initializers.normal(1e-6), (None, None, "embed")),
+            (1, 1, cfg.width), jnp.float32,
+        )
+        patch_pos = resize_pos_embed_grid(pos_embed[0, 1:].reshape(side, side, cfg.width), (grid_h, grid_w))
+        x = x + patch_pos.reshape(1, grid_h * grid_w, cfg.width).astype(dtype)
+        cls = (cls_token + pos_embed[:, :1]).astype(dtype)
+        tokens = [jnp.broadcast_to(cls, (batch, 1, cfg.width))]
+        if cfg.num_registers:
+            registers = self.param(
+                "reg_token", nn.with_logical_partitioning(nn.initializers.normal(1e-6), (None, None, "embed")),
+                (1, cfg.num_registers, cfg.width), jnp.float32,
+            )
+            tokens.append(jnp.broadcast_to(registers.astype(dtype), (batch, cfg.num_registers, cfg.width)))
+        x = jnp.concatenate(tokens + [x], axis=1)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+        x = self._blocks(x, train)
+        prefix = 1 + cfg.num_registers
+        patch_mean_prenorm = x[:, prefix:].astype(jnp.float32).mean(axis=1)
+        x = _layer_norm("norm", dtype)(x)
+        return {
+            "cls": x[:, 0].astype(jnp.float32),
+            "patch_mean": x[:, prefix:].astype(jnp.float32).mean(axis=1),
+            "patch_mean_prenorm": patch_mean_prenorm,
+        }
+
+    def _blocks(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        cfg = self.config
+        # Stochastic depth rises linearly over depth, as in DINO/timm.
+        rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth) if cfg.depth > 1 else jnp.zeros((1,))
+        block_kwargs = dict(
+            num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, layerscale_init=cfg.layerscale_init,
+            deterministic=not train or cfg.drop_path_rate == 0.0, dtype=jnp.dtype(cfg.dtype),
+        )
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.scan_layers:
+            body = _ScannedBlock
+            if cfg.remat_policy != "none":
+                body = nn.remat(body, policy=policy, prevent_cse=False)
+            scanned = nn.scan(
+                body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=0, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(block_kwargs, name="blocks")(x, rates)
+            return x
+        block_cls = Block if cfg.remat_policy == "none" else nn.remat(Block, policy=policy)
+        for i in range(cfg.depth):
+            x = block_cls(**block_kwargs, name=f"blocks_{i}")(x, rates[i])
+        return x
+

@@ -1,0 +1,162 @@
+"""One MaSSL optimisation step as a pure function, and its jitted, explicitly sharded form.
+
+step(state, batch, rng, hparams) -> (state, metrics):
+  1. normalise the uint8 crops on device with per-modality mean/std;
+  2. teacher forward on the global crops (no gradient, BatchNorm in training mode);
+  3. student forward on all crops, one backbone pass per resolution and one head pass;
+  4. gated block cross-entropy against the memory as it was before this step (+ optional KoLeo);
+  5. AdamW with per-tensor clipping and layer decay, skipped on device if anything is non-finite;
+  6. EMA of the teacher; 7. enqueue the teacher's second-global-crop embeddings.
+`hparams` carries this step's schedule values (ssl/schedules.py); `rng` is the run's base key, and
+the step folds its own step number into it, so a resumed run draws the same numbers.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from mermed_jax import sharding as sharding_lib
+from mermed_jax.modalities import MODALITIES
+from mermed_jax.ssl import memory as memory_lib
+from mermed_jax.ssl.loss import koleo_loss, memory_cross_entropy
+from mermed_jax.train_state import TrainState, build_networks, make_student_optimizer
+
+Batch = dict[str, jnp.ndarray]
+Metrics = dict[str, jnp.ndarray]
+
+
+def normalize_crops(crops: jnp.ndarray, modality: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray) -> jnp.ndarray:
+    """uint8 [B, n, H, W, 3] -> float32 [n, B, H, W, 3], normalised with the row's modality stats."""
+    x = crops.astype(jnp.float32) / 255.0
+    m = mean[modality][:, None, None, None, :]
+    s = std[modality][:, None, None, None, :]
+    return jnp.swapaxes((x - m) / s, 0, 1)
+
+
+def _embedding_std(embeddings: jnp.ndarray) -> jnp.ndarray:
+    """Mean over dimensions of the across-batch std: ~1/sqrt(d) when healthy, ~0 at collapse."""
+    flat = embeddings.reshape(-1, embeddings.shape[-1]).astype(jnp.float32)
+    return jnp.mean(jnp.std(flat, axis=0))
+
+
+def _all_finite(tree: Any) -> jnp.ndarray:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray) -> Callable:
+    """The pure step for this config. pixel_mean/std: float32 [NUM_MODALITIES, 3]."""
+    student_net, teacher_net = build_networks(config)
+    optimizer = make_student_optimizer(config)
+    n_global = config.crops.n_global
+    partition_size = config.memory.partition_size
+    student_temp = config.loss.student_temp
+    koleo_weight = config.loss.koleo_weight
+    pixel_mean = jnp.asarray(pixel_mean, jnp.float32)
+    pixel_std = jnp.asarray(pixel_std, jnp.float32)
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array, hparams: dict[str, jnp.ndarray]):
+        step_rng = jax.random.fold_in(rng, state.step)
+        dropout_rng, partition_rng = jax.random.split(step_rng)
+        modality = batch["modality"].astype(jnp.int32)
+        global_crops = normalize_crops(batch["global"], modality, pixel_mean, pixel_std)
+        crops = [global_crops]
+        if batch.get("local") is not None and batch["local"].shape[1] > 0:
+            crops.append(normalize_crops(batch["local"], modality, pixel_mean, pixel_std))
+
+        teacher_emb, teacher_vars = teacher_net.apply(
+            {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats},
+            [global_crops], train=True, mutable=["batch_stats"],
+        )
+        teacher_emb = jax.lax.stop_gradient(teacher_emb)
+        gating = memory_lib.is_full(state.memory)
+        partition = memory_lib.stratified_partition(partition_rng, state.memory, partition_size)
+
+        def loss_fn(params):
+            student_emb, student_vars = student_net.apply(
+                {"params": params, "batch_stats": state.batch_stats}, crops, train=True,
+                rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
+            )
+            out = memory_cross_entropy(
+                student_emb, teacher_emb, state.memory, modality, partition,
+                student_temp=student_temp, teacher_temp=hparams["teacher_temp"], gating=gating,
+            )
+            koleo = sum(koleo_loss(student_emb[i]) for i in range(n_global))
+            out["memory_loss"] = out["loss"]
+            out["koleo"] = koleo
+            out["loss"] = out["loss"] + koleo_weight * koleo
+            out["student_embedding_std"] = _embedding_std(student_emb[:n_global])
+            return out["loss"], (out, student_vars["batch_stats"])
+
+        (_, (aux, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, new_opt_state = optimizer.update(
+            grads, state.opt_state, state.params,
+            learning_rate=hparams["learning_rate"], weight_decay=hparams["weight_decay"],
+        )
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(aux["loss"]) & _all_finite(grads)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_params = keep_if_finite(new_params, state.params)
+        momentum = hparams["momentum"]
+        new_teacher = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, state.teacher_params, new_params)
+        new_memory = memory_lib.enqueue(state.memory, teacher_emb[1], modality)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=new_params,
+            teacher_params=keep_if_finite(new_teacher, state.teacher_params),
+            batch_stats=keep_if_finite(new_batch_stats, state.batch_stats),
+            teacher_batch_stats=keep_if_finite(teacher_vars["batch_stats"], state.teacher_batch_stats),
+            opt_state=keep_if_finite(new_opt_state, state.opt_state),
+            memory=keep_if_finite(new_memory, state.memory),
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        )
+
+        fill = memory_lib.fill_fractions(state.memory)
+        metrics = {
+            **aux,
+            "teacher_embedding_std": _embedding_std(teacher_emb),
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(new_params),
+            "gating_active": gating.astype(jnp.float32),
+            "finite": finite.astype(jnp.float32),
+            "student_temp": jnp.float32(student_temp),
+            **{k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()},
+            **{f"memory_fill/{name}": fill[i] for i, name in enumerate(MODALITIES)},
+            "memory_fill/empty": fill[-1],
+        }
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
+    """jit with explicit shardings: state as created, batch over data x fsdp, the rest replicated.
+
+    The state is donated: its buffers are reused for the new state. Tracing happens under the
+    mesh's logical-axis rules, so the modules' activation constraints resolve to this mesh.
+    """
+
+    def step_under_rules(state, batch, rng, hparams):
+        with sharding_lib.axis_rules_context(mesh):
+            return step(state, batch, rng, hparams)
+
+    repl = sharding_lib.replicated(mesh)
+    return jax.jit(
+        step_under_rules,
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), repl, repl),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0,),
+    )
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a host batch (this process's rows) as global arrays split over data x fsdp."""
+    target: NamedSharding = sharding_lib.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(target, v) for k, v in batch.items()}
