@@ -1,0 +1,343 @@
+"""TFRecord shards of tf.train.Example without TensorFlow: framing, CRCs, Example schema, image decode.
+
+Why not tf.io: training hosts should not need TensorFlow, and Grain's TFRecord reader does not
+check CRCs, so a flipped bit would reach the model as a silently wrong image. Here every record is
+checked (CRC32C via google-crc32c, a C extension; a pure-Python CRC is too slow) and the files stay
+byte-compatible with tf.data.TFRecordDataset.
+
+Framing of one record (all little endian):
+    uint64 length | uint32 masked_crc32c(length bytes) | payload | uint32 masked_crc32c(payload)
+
+Example schema (flat keys so a TFDS FeaturesDict of the same names emits identical Examples):
+    image        bytes   encoded PNG (8- or 16-bit) or JPEG
+    image_format bytes   "png" | "jpeg"
+    height, width, channels  int64
+    modality     bytes   one of mermed_jax.modalities.MODALITIES
+    labels       int64[] class indices (one for single-label, several or none for multi-label)
+    dataset      bytes   dataset name
+    image_id     bytes   keyed HMAC of the source path/UID (see privacy.py); identifies nobody
+
+Directory layout and manifest: see manifest.py (`load_manifest` is re-exported here).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import cv2
+import google_crc32c
+import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
+
+from data_pipelines.manifest import load_manifest  # noqa: F401  (re-exported for readers)
+from mermed_jax.modalities import MODALITIES
+
+_HEADER = struct.Struct("<QI")
+_FOOTER = struct.Struct("<I")
+_HEADER_BYTES = _HEADER.size  # 12
+_FOOTER_BYTES = _FOOTER.size  # 4
+_MASK_DELTA = 0xA282EAD8
+IMAGE_FORMATS = ("png", "jpeg")
+
+# Feature spec of the Example schema; written into every manifest so readers can check it.
+FEATURE_SPEC: dict[str, dict[str, str]] = {
+    "image": {"dtype": "bytes", "shape": "()"},
+    "image_format": {"dtype": "bytes", "shape": "()"},
+    "height": {"dtype": "int64", "shape": "()"},
+    "width": {"dtype": "int64", "shape": "()"},
+    "channels": {"dtype": "int64", "shape": "()"},
+    "modality": {"dtype": "bytes", "shape": "()"},
+    "labels": {"dtype": "int64", "shape": "(None,)"},
+    "dataset": {"dtype": "bytes", "shape": "()"},
+    "image_id": {"dtype": "bytes", "shape": "()"},
+}
+
+
+class CorruptRecordError(ValueError):
+    """A record whose framing, CRC or content is bad; names the file and the record's byte offset."""
+
+    def __init__(self, path: str | os.PathLike, offset: int, reason: str):
+        self.path = os.fspath(path)
+        self.offset = int(offset)
+        self.reason = reason
+        super().__init__(f"{self.path}: corrupt record at byte offset {self.offset}: {reason}")
+
+
+class ImageDecodeError(ValueError):
+    """Encoded image bytes that do not decode; the message says why (empty, unknown format, corrupt)."""
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC32C (masking keeps CRCs of CRC-bearing data well distributed)."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame_record(payload: bytes) -> bytes:
+    """One payload framed as a TFRecord record."""
+    length = struct.pack("<Q", len(payload))
+    return length + _FOOTER.pack(masked_crc32c(length)) + payload + _FOOTER.pack(masked_crc32c(payload))
+
+
+class TFRecordWriter:
+    """Appends framed records to a file; use as a context manager. `count` is the records written."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "wb")
+        self.count = 0
+
+    def write(self, payload: bytes) -> None:
+        self._file.write(frame_record(payload))
+        self.count += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TFRecordWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def write_tfrecords(path: str | os.PathLike, serialized: Iterable[bytes]) -> int:
+    """Writes every payload to a new TFRecord file at `path`; returns the number written."""
+    with TFRecordWriter(path) as writer:
+        for payload in serialized:
+            writer.write(payload)
+    return writer.count
+
+
+def _check_header(path: str, header: bytes, offset: int, remaining: int) -> int:
+    """Validates a record header found at file `offset` with `remaining` bytes left; returns its length."""
+    if len(header) < _HEADER_BYTES:
+        raise CorruptRecordError(path, offset, f"truncated header ({len(header)} of {_HEADER_BYTES} bytes)")
+    length, length_crc = _HEADER.unpack(header)
+    if masked_crc32c(header[:8]) != length_crc:
+        raise CorruptRecordError(path, offset, "length CRC mismatch (not a record start, or corrupt)")
+    needed = _HEADER_BYTES + length + _FOOTER_BYTES
+    if needed > remaining:
+        raise CorruptRecordError(path, offset, f"truncated record (needs {needed} bytes, {remaining} left)")
+    return length
+
+
+def _check_payload(path: str, offset: int, payload: bytes, crc_bytes: bytes) -> bytes:
+    if masked_crc32c(payload) != _FOOTER.unpack(crc_bytes)[0]:
+        raise CorruptRecordError(path, offset, "payload CRC mismatch")
+    return payload
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """Yields (byte offset, payload) of every record, checking both CRCs and the framing."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        offset = 0
+        while offset < size:
+            length = _check_header(path, f.read(_HEADER_BYTES), offset, size - offset)
+            payload = f.read(length)
+            crc = f.read(_FOOTER_BYTES)
+            yield offset, _check_payload(path, offset, payload, crc)
+            offset += _HEADER_BYTES + length + _FOOTER_BYTES
+
+
+def index_records(path: str | os.PathLike) -> np.ndarray:
+    """Byte offsets (int64) of every record, from one scan of the headers (payload CRCs not read).
+
+    Checks each length CRC and that the last record is complete, so a truncated shard fails here,
+    at indexing time, rather than after hours of training.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    offsets: list[int] = []
+    if size == 0:
+        return np.zeros((0,), np.int64)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        offset = 0
+        while offset < size:
+            length = _check_header(path, buf[offset : offset + _HEADER_BYTES], offset, size - offset)
+            offsets.append(offset)
+            offset += _HEADER_BYTES + length + _FOOTER_BYTES
+    return np.asarray(offsets, np.int64)
+
+
+def _read_at(path: str, f: Any, offset: int) -> bytes:
+    f.seek(0, os.SEEK_END)
+    remaining = f.tell() - offset
+    f.seek(offset)
+    length = _check_header(path, f.read(_HEADER_BYTES), offset, remaining)
+    body = f.read(length + _FOOTER_BYTES)
+    return _check_payload(path, offset, body[:length], body[length:])
+
+
+def read_record_at(path: str | os.PathLike, offset: int) -> bytes:
+    """The CRC-checked payload of the record starting at `offset` (from `index_records`)."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        return _read_at(path, f, int(offset))
+
+
+class RecordFileReader:
+    """Random access to one TFRecord file, keeping the file open between reads.
+
+    Picklable (the handle is reopened lazily), so it can be shipped to Grain worker processes.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._file: Any = None
+
+    def read(self, offset: int) -> bytes:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        return _read_at(self.path, self._file, int(offset))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_file": None}
+
+
+def _bytes_feature(example: Any, key: str, value: bytes) -> None:
+    example.features.feature[key].bytes_list.value.append(value)
+
+
+def _int_feature(example: Any, key: str, values: Sequence[int]) -> None:
+    example.features.feature[key].int64_list.value.extend(int(v) for v in values)
+
+
+def encode_example(
+    *,
+    image: bytes,
+    image_format: str,
+    height: int,
+    width: int,
+    channels: int,
+    modality: str,
+    labels: Sequence[int],
+    dataset: str,
+    image_id: str,
+) -> bytes:
+    """A serialized tf.train.Example of the shard schema (see module docstring)."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format {image_format!r} not in {IMAGE_FORMATS}")
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    example = tf_example_pb2.Example()
+    _bytes_feature(example, "image", image)
+    _bytes_feature(example, "image_format", image_format.encode())
+    _int_feature(example, "height", [height])
+    _int_feature(example, "width", [width])
+    _int_feature(example, "channels", [channels])
+    _bytes_feature(example, "modality", modality.encode())
+    _int_feature(example, "labels", labels)
+    _bytes_feature(example, "dataset", dataset.encode())
+    _bytes_feature(example, "image_id", image_id.encode())
+    return example.SerializeToString()
+
+
+def decode_example(serialized: bytes) -> dict[str, Any]:
+    """The fields of a serialized Example of the shard schema; raises KeyError naming a missing key."""
+    feature = tf_example_pb2.Example.FromString(serialized).features.feature
+    for key in FEATURE_SPEC:
+        if key not in feature:
+            raise KeyError(f"Example lacks feature {key!r}")
+
+    def text(key: str) -> str:
+        return feature[key].bytes_list.value[0].decode()
+
+    def scalar(key: str) -> int:
+        return int(feature[key].int64_list.value[0])
+
+    return {
+        "image": feature["image"].bytes_list.value[0],
+        "image_format": text("image_format"),
+        "height": scalar("height"),
+        "width": scalar("width"),
+        "channels": scalar("channels"),
+        "modality": text("modality"),
+        "labels": np.asarray(feature["labels"].int64_list.value, np.int64),
+        "dataset": text("dataset"),
+        "image_id": text("image_id"),
+    }
+
+
+def _sniff_format(encoded: bytes) -> str | None:
+    if encoded[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if encoded[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    return None
+
+
+def _imdecode(encoded: bytes, source: str | None) -> np.ndarray:
+    """OpenCV decode with the stored depth and channel count, or ImageDecodeError saying why."""
+    where = f"{source}: " if source else ""
+    if not encoded:
+        raise ImageDecodeError(f"{where}image bytes are empty")
+    fmt = _sniff_format(encoded)
+    if fmt is None:
+        raise ImageDecodeError(f"{where}image bytes are neither PNG nor JPEG (starts with {encoded[:8]!r})")
+    # libjpeg decodes a truncated JPEG with a grey fill and only a warning: check the end marker.
+    if fmt == "jpeg" and not encoded.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ImageDecodeError(f"{where}JPEG data is truncated (no end-of-image marker)")
+    if fmt == "png" and b"IEND" not in encoded[-12:]:
+        raise ImageDecodeError(f"{where}PNG data is truncated (no IEND chunk)")
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageDecodeError(f"{where}{fmt.upper()} data is corrupt ({len(encoded)} bytes did not decode)")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    else:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    if channels == image.shape[2]:
+        return image
+    if channels == 3 and image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if channels == 1 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+    raise ValueError(f"cannot convert {image.shape[2]} channels to {channels}")
+
+
+def decode_image(encoded: bytes, *, channels: int = 3, source: str | None = None) -> np.ndarray:
+    """uint8 HxWxC RGB (or grey) array of a PNG or JPEG; `source` names the record in errors.
+
+    Grey images are repeated to 3 channels when channels=3. A 16-bit PNG is mapped linearly onto
+    0..255 (round(v * 255 / 65535)); use `decode_image16` to keep its full depth.
+    """
+    image = _imdecode(encoded, source)
+    if image.dtype == np.uint16:
+        image = np.round(image.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+    return _to_channels(image, channels)
+
+
+def decode_image16(encoded: bytes, *, channels: int = 1, source: str | None = None) -> np.ndarray:
+    """uint16 HxWxC array of a PNG at full depth (8-bit inputs are widened, values unchanged)."""
+    image = _imdecode(encoded, source).astype(np.uint16)
+    return _to_channels(image, channels)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG of a uint8 or uint16 HxW or HxWxC (RGB) array."""
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"PNG needs uint8 or uint16 pixels, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError(f"PNG encoding failed for an array of shape {image.shape}")
+    return buf.tobytes()
