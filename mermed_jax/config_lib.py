@@ -6,7 +6,9 @@ by a short alias listed in ALIASES.
 """
 
 import ast
+import importlib.util
 import math
+import pathlib
 
 import ml_collections
 from ml_collections import config_dict
@@ -88,3 +90,14 @@ def apply_arguments(config: ml_collections.ConfigDict, arg: str | None) -> ml_co
             raise KeyError(f"config argument {key!r}: unknown key {path!r}")
         node[leaf] = value
     return config
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Imports a config file and calls its get_config(arg), as config_flags does for the CLIs."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"mermed_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

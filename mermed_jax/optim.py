@@ -98,9 +98,10 @@ def scale_by_layerwise_lr_and_decoupled_wd(multipliers: PyTree, wd_mask: PyTree)
 
 
 def make_optimizer(optim_config: Mapping, params: PyTree, depth: int) -> optax.GradientTransformationExtraArgs:
-    """The student's optimiser; call `update(grads, state, params, learning_rate=, weight_decay=)`."""
+    """The student's optimiser (clip_grad <= 0 disables clipping, as in DINO); call `update(grads, state, params, learning_rate=, weight_decay=)`."""
+    clip = optim_config["clip_grad"]
     return optax.chain(
-        clip_per_tensor(optim_config["clip_grad"], params),
+        clip_per_tensor(clip, params) if clip > 0 else optax.identity(),
         optax.scale_by_adam(b1=optim_config["b1"], b2=optim_config["b2"], eps=optim_config["eps"]),
         scale_by_layerwise_lr_and_decoupled_wd(
             layer_decay_multipliers(params, depth, optim_config["layer_decay"]), weight_decay_mask(params)

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from mermed_jax import sharding as sharding_lib
 from mermed_jax.modalities import MODALITIES
 from mermed_jax.ssl import memory as memory_lib
+from mermed_jax.ssl.ema import ema_update
 from mermed_jax.ssl.loss import koleo_loss, memory_cross_entropy
 from mermed_jax.train_state import TrainState, build_networks, make_student_optimizer
 
@@ -48,10 +49,14 @@ def _all_finite(tree: Any) -> jnp.ndarray:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray) -> Callable:
-    """The pure step for this config. pixel_mean/std: float32 [NUM_MODALITIES, 3]."""
+def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray) -> Callable:
+    """loss(params, teacher_params, state, batch, rng, hparams) -> (loss, aux).
+
+    Both networks run inside, so that a test can differentiate with respect to the teacher and
+    see exact zeros. aux holds the metrics, both networks' new BatchNorm statistics and the
+    teacher embeddings (the memory's next rows).
+    """
     student_net, teacher_net = build_networks(config)
-    optimizer = make_student_optimizer(config)
     n_global = config.crops.n_global
     partition_size = config.memory.partition_size
     student_temp = config.loss.student_temp
@@ -59,9 +64,8 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
     pixel_mean = jnp.asarray(pixel_mean, jnp.float32)
     pixel_std = jnp.asarray(pixel_std, jnp.float32)
 
-    def step(state: TrainState, batch: Batch, rng: jax.Array, hparams: dict[str, jnp.ndarray]):
-        step_rng = jax.random.fold_in(rng, state.step)
-        dropout_rng, partition_rng = jax.random.split(step_rng)
+    def loss_fn(params, teacher_params, state: TrainState, batch: Batch, rng: jax.Array, hparams):
+        dropout_rng, partition_rng = jax.random.split(rng)
         modality = batch["modality"].astype(jnp.int32)
         global_crops = normalize_crops(batch["global"], modality, pixel_mean, pixel_std)
         crops = [global_crops]
@@ -69,50 +73,68 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
             crops.append(normalize_crops(batch["local"], modality, pixel_mean, pixel_std))
 
         teacher_emb, teacher_vars = teacher_net.apply(
-            {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats},
+            {"params": teacher_params, "batch_stats": state.teacher_batch_stats},
             [global_crops], train=True, mutable=["batch_stats"],
         )
         teacher_emb = jax.lax.stop_gradient(teacher_emb)
-        gating = memory_lib.is_full(state.memory)
+        student_emb, student_vars = student_net.apply(
+            {"params": params, "batch_stats": state.batch_stats}, crops, train=True,
+            rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
+        )
         partition = memory_lib.stratified_partition(partition_rng, state.memory, partition_size)
+        metrics = memory_cross_entropy(
+            student_emb, teacher_emb, state.memory, modality, partition,
+            student_temp=student_temp, teacher_temp=hparams["teacher_temp"],
+            gating=memory_lib.is_full(state.memory),
+        )
+        koleo = sum(koleo_loss(student_emb[i]) for i in range(n_global))
+        metrics["memory_loss"] = metrics["loss"]
+        metrics["koleo"] = koleo
+        metrics["loss"] = metrics["loss"] + koleo_weight * koleo
+        metrics["student_embedding_std"] = _embedding_std(student_emb[:n_global])
+        metrics["teacher_embedding_std"] = _embedding_std(teacher_emb)
+        aux = {
+            "metrics": metrics,
+            "batch_stats": student_vars["batch_stats"],
+            "teacher_batch_stats": teacher_vars["batch_stats"],
+            "teacher_embeddings": teacher_emb,
+        }
+        return metrics["loss"], aux
 
-        def loss_fn(params):
-            student_emb, student_vars = student_net.apply(
-                {"params": params, "batch_stats": state.batch_stats}, crops, train=True,
-                rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
-            )
-            out = memory_cross_entropy(
-                student_emb, teacher_emb, state.memory, modality, partition,
-                student_temp=student_temp, teacher_temp=hparams["teacher_temp"], gating=gating,
-            )
-            koleo = sum(koleo_loss(student_emb[i]) for i in range(n_global))
-            out["memory_loss"] = out["loss"]
-            out["koleo"] = koleo
-            out["loss"] = out["loss"] + koleo_weight * koleo
-            out["student_embedding_std"] = _embedding_std(student_emb[:n_global])
-            return out["loss"], (out, student_vars["batch_stats"])
+    return loss_fn
 
-        (_, (aux, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray) -> Callable:
+    """The pure step for this config. pixel_mean/std: float32 [NUM_MODALITIES, 3]."""
+    loss_fn = make_loss_fn(config, pixel_mean, pixel_std)
+    optimizer = make_student_optimizer(config)
+    student_temp = config.loss.student_temp
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array, hparams: dict[str, jnp.ndarray]):
+        step_rng = jax.random.fold_in(rng, state.step)
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.teacher_params, state, batch, step_rng, hparams
+        )
+        metrics = aux["metrics"]
         updates, new_opt_state = optimizer.update(
             grads, state.opt_state, state.params,
             learning_rate=hparams["learning_rate"], weight_decay=hparams["weight_decay"],
         )
         new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(aux["loss"]) & _all_finite(grads)
+        finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
         new_params = keep_if_finite(new_params, state.params)
-        momentum = hparams["momentum"]
-        new_teacher = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, state.teacher_params, new_params)
-        new_memory = memory_lib.enqueue(state.memory, teacher_emb[1], modality)
+        new_teacher = ema_update(state.teacher_params, new_params, hparams["momentum"])
+        new_memory = memory_lib.enqueue(state.memory, aux["teacher_embeddings"][1], batch["modality"])
         new_state = state.replace(
             step=state.step + 1,
             params=new_params,
             teacher_params=keep_if_finite(new_teacher, state.teacher_params),
-            batch_stats=keep_if_finite(new_batch_stats, state.batch_stats),
-            teacher_batch_stats=keep_if_finite(teacher_vars["batch_stats"], state.teacher_batch_stats),
+            batch_stats=keep_if_finite(aux["batch_stats"], state.batch_stats),
+            teacher_batch_stats=keep_if_finite(aux["teacher_batch_stats"], state.teacher_batch_stats),
             opt_state=keep_if_finite(new_opt_state, state.opt_state),
             memory=keep_if_finite(new_memory, state.memory),
             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
@@ -120,11 +142,10 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
 
         fill = memory_lib.fill_fractions(state.memory)
         metrics = {
-            **aux,
-            "teacher_embedding_std": _embedding_std(teacher_emb),
+            **metrics,
             "grad_norm": optax.global_norm(grads),
             "param_norm": optax.global_norm(new_params),
-            "gating_active": gating.astype(jnp.float32),
+            "gating_active": memory_lib.is_full(state.memory).astype(jnp.float32),
             "finite": finite.astype(jnp.float32),
             "student_temp": jnp.float32(student_temp),
             **{k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()},

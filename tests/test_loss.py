@@ -1,0 +1,141 @@
+"""The gated MaSSL memory loss against a NumPy reference written from the paper's definition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mermed_jax.ssl import memory as memory_lib
+from mermed_jax.ssl.loss import koleo_loss, memory_cross_entropy
+
+N_STUDENT, N_TEACHER, BATCH, DIM, SIZE, SHARDS, PART = 5, 2, 6, 8, 48, 4, 16
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def reference_loss(student, teacher, queue, ids, modality, partition, t_s, t_t, gating):
+    """Straight from the definition: per block, per row, per (i, j != i) pair, masked softmaxes."""
+    total, rows = 0.0, 0
+    n_pairs = 0
+    for block in partition:
+        keys, key_ids = queue[block], ids[block]
+        for b in range(student.shape[1]):
+            keep = (key_ids == modality[b]) if gating else np.ones(len(block), bool)
+            rows += 1
+            if not keep.any():
+                continue
+            for j in range(teacher.shape[0]):
+                t = teacher[j, b] @ keys[keep].T / t_t
+                p_t = np.exp(t - t.max()) / np.exp(t - t.max()).sum()
+                for i in range(student.shape[0]):
+                    if i == j:
+                        continue
+                    s = student[i, b] @ keys[keep].T / t_s
+                    log_p_s = s - s.max() - np.log(np.exp(s - s.max()).sum())
+                    total += -(p_t * log_p_s).sum()
+    n_pairs = student.shape[0] * teacher.shape[0] - teacher.shape[0]
+    return total / (rows * n_pairs)
+
+
+def _memory(rng, ids):
+    queue = _unit(rng.normal(size=(SIZE, DIM))).astype(np.float32)
+    return memory_lib.MemoryState(
+        queue=jnp.asarray(queue.reshape(SHARDS, SIZE // SHARDS, DIM)),
+        ids=jnp.asarray(ids.reshape(SHARDS, SIZE // SHARDS).astype(np.int32)),
+        ptr=jnp.zeros((SHARDS,), jnp.int32),
+    )
+
+
+def _case(ids, modality, seed=0):
+    rng = np.random.default_rng(seed)
+    student = _unit(rng.normal(size=(N_STUDENT, BATCH, DIM))).astype(np.float32)
+    teacher = _unit(rng.normal(size=(N_TEACHER, BATCH, DIM))).astype(np.float32)
+    memory = _memory(rng, ids)
+    partition = memory_lib.stratified_partition(jax.random.key(seed), memory, PART)
+    return student, teacher, memory, np.asarray(modality, np.int32), partition
+
+
+def _run(student, teacher, memory, modality, partition, gating=None, t_t=0.05):
+    gating = memory_lib.is_full(memory) if gating is None else jnp.asarray(gating)
+    return memory_cross_entropy(
+        jnp.asarray(student), jnp.asarray(teacher), memory, jnp.asarray(modality), partition,
+        student_temp=0.1, teacher_temp=t_t, gating=gating,
+    )
+
+
+def _check(ids, modality, expect_gating):
+    student, teacher, memory, modality, partition = _case(ids, modality)
+    assert bool(memory_lib.is_full(memory)) == expect_gating
+    out = _run(student, teacher, memory, modality, partition)
+    ref = reference_loss(
+        student, teacher, np.asarray(memory.queue).reshape(SIZE, DIM), np.asarray(memory.ids).reshape(-1),
+        modality, np.asarray(partition), 0.1, 0.05, expect_gating,
+    )
+    np.testing.assert_allclose(float(out["loss"]), ref, rtol=2e-5)
+    grad = jax.grad(lambda s: _run(s, teacher, memory, modality, partition)["loss"])(jnp.asarray(student))
+    assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).sum() > 0
+    return out
+
+
+def test_initial_memory_is_not_gated():
+    out = _check(np.full(SIZE, -1), [0, 1, 2, 3, 4, 5], expect_gating=False)
+    assert float(out["valid_fraction"]) == 1.0
+
+
+def test_partly_filled_memory_is_not_gated():
+    ids = np.full(SIZE, -1)
+    ids[: SIZE // 2] = np.arange(SIZE // 2) % 3
+    _check(ids, [0, 1, 2, 0, 1, 2], expect_gating=False)
+
+
+def test_full_memory_masks_other_modalities():
+    ids = np.arange(SIZE) % 3
+    out = _check(ids, [0, 1, 2, 2, 1, 0], expect_gating=True)
+    assert float(out["valid_fraction"]) == 1.0
+    # Gating changes the value: the same inputs without masking give another loss.
+    student, teacher, memory, modality, partition = _case(ids, [0, 1, 2, 2, 1, 0])
+    ungated = _run(student, teacher, memory, modality, partition, gating=False)
+    assert abs(float(ungated["loss"]) - float(out["loss"])) > 1e-3
+
+
+def test_row_without_same_modality_entry_contributes_zero():
+    ids = np.zeros(SIZE, int)  # the memory holds only modality 0
+    modality = [0, 0, 6, 0, 6, 0]  # rows 2 and 4 have no entry anywhere
+    out = _check(ids, modality, expect_gating=True)
+    assert float(out["valid_fraction"]) == pytest.approx(4 / 6)
+    student, teacher, memory, modality_arr, partition = _case(ids, modality)
+    grad = jax.grad(lambda s: _run(s, teacher, memory, modality_arr, partition)["loss"])(jnp.asarray(student))
+    np.testing.assert_array_equal(np.asarray(grad)[:, [2, 4]], 0.0)
+
+
+def test_masked_entries_contribute_exactly_zero():
+    """Changing a masked entry's vector changes neither the loss nor any gradient."""
+    ids = np.arange(SIZE) % 2
+    student, teacher, memory, modality, partition = _case(ids, [0] * BATCH)
+    other = np.asarray(memory.queue).copy()
+    other[np.asarray(memory.ids) == 1] *= -1.0
+    moved = memory.replace(queue=jnp.asarray(other))
+    loss_fn = lambda mem: lambda s: _run(s, teacher, mem, modality, partition)["loss"]  # noqa: E731
+    a = jax.value_and_grad(loss_fn(memory))(jnp.asarray(student))
+    b = jax.value_and_grad(loss_fn(moved))(jnp.asarray(student))
+    assert float(a[0]) == float(b[0])
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def test_teacher_temperature_sharpens_target():
+    ids = np.full(SIZE, -1)
+    args = _case(ids, [0] * BATCH)
+    sharp = _run(*args, t_t=0.02)["teacher_entropy"]
+    soft = _run(*args, t_t=0.2)["teacher_entropy"]
+    assert float(sharp) < float(soft)
+
+
+def test_koleo_matches_reference():
+    rng = np.random.default_rng(3)
+    x = _unit(rng.normal(size=(10, DIM))).astype(np.float32)
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1) + np.eye(10) * 1e9
+    nearest = d.argmin(1)
+    ref = -np.mean(np.log(np.linalg.norm(x - x[nearest] + 1e-6, axis=-1) + 1e-8))
+    np.testing.assert_allclose(float(koleo_loss(jnp.asarray(x))), ref, rtol=1e-5)
