@@ -1,0 +1,193 @@
+"""Input-pipeline speed: our OpenCV multi-crop against a PIL reference of the same augmentation.
+
+The official MerMED-FM code augments PIL images with torchvision transforms. torchvision does not
+import beside the CPU torch here, so `pil_crop` re-implements the PIL code paths those transforms
+take, op for op: RandomRotation (PIL `rotate`, NEAREST, same canvas, fill 0), RandomResizedCrop
+(`crop` then `resize` BICUBIC, which antialiases), RandomHorizontalFlip (`transpose`),
+ColorJitter (ImageEnhance Brightness / Contrast / Color, and adjust_hue's uint8 HSV shift, in a
+random order), and the DINO-lineage GaussianBlur (`ImageFilter.GaussianBlur(radius=sigma)`). Both
+sides draw their parameters with `data_pipelines.augment.sample_multicrop`, torchvision's sampling
+rules, so they do the same work per image.
+
+Rates are images per CPU-second (process CPU time, so per core and insensitive to other load on
+the machine), with OpenCV held to one thread. Three columns:
+  pil       decode (PIL) + 12 crops -> uint8 arrays, the reference
+  ours      decode (records.decode_image) + augment.multicrop into a batch buffer
+  pipeline  the full Grain training pipeline over TFRecord shards written to a temp dir:
+            read + CRC + parse + decode + multi-crop + modality-balanced batching
+
+Usage:
+  .venv/bin/python bench/input_pipeline.py --realdata ../shared/realdata [--images 64] [--seconds 20]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from data_pipelines import augment  # noqa: E402
+
+
+def _pil_hue(img: Image.Image, factor: float) -> Image.Image:
+    """torchvision.transforms.functional_pil.adjust_hue."""
+    h, s, v = img.convert("HSV").split()
+    np_h = np.array(h, dtype=np.uint8)
+    np_h += np.int8(int(factor * 255)).view(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
+
+
+_PIL_JITTER = {
+    "brightness": lambda img, f: ImageEnhance.Brightness(img).enhance(f),
+    "contrast": lambda img, f: ImageEnhance.Contrast(img).enhance(f),
+    "saturation": lambda img, f: ImageEnhance.Color(img).enhance(f),
+    "hue": _pil_hue,
+}
+
+
+def pil_crop(img: Image.Image, params: augment.CropParams, size: int,
+             rotate_resample: int = Image.NEAREST) -> Image.Image:
+    """One crop through torchvision's PIL code paths (see module docstring)."""
+    img = img.rotate(params.angle, resample=rotate_resample, expand=False, fillcolor=(0, 0, 0))
+    top, left, h, w = params.box
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    if params.flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if params.jitter is not None:
+        for name, factor in params.jitter:
+            img = _PIL_JITTER[name](img, factor)
+    if params.blur_sigma is not None:
+        img = img.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
+    return img
+
+
+def pil_multicrop(img: Image.Image, rng: np.random.Generator, cfg: augment.MultiCropConfig
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The reference multi-crop of one RGB PIL image, as uint8 arrays like `augment.multicrop`."""
+    globals_, locals_ = augment.sample_multicrop(rng, img.height, img.width, cfg)
+    g = np.stack([np.asarray(pil_crop(img, p, cfg.global_size)) for p in globals_])
+    loc = np.stack([np.asarray(pil_crop(img, p, cfg.local_size)) for p in locals_])
+    return g, loc
+
+
+def load_encoded(realdata: pathlib.Path, which: str, count: int) -> list[bytes]:
+    """The first `count` encoded files (sorted names) of the ISIC or NIH set, as bytes."""
+    if which == "isic":
+        paths = sorted((realdata / "derm_isic_uda1" / "images").glob("*.jpg"))
+    else:
+        paths = sorted((realdata / "cxr_nih1000" / "NIH1000" / "train").glob("*/*.png"))
+    if not paths:
+        raise FileNotFoundError(f"no {which} images under {realdata}")
+    return [p.read_bytes() for p in paths[:count]]
+
+
+def _rate(step, items: list, seconds: float) -> float:
+    """Images per CPU-second of `step(item)`, cycling over items for at least `seconds` of CPU."""
+    step(items[0])  # warm caches and lazy imports
+    done, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
+        for item in items:
+            step(item)
+        done += len(items)
+    return done / (time.process_time() - start)
+
+
+def rate_pil(blobs: list[bytes], cfg: augment.MultiCropConfig, seconds: float) -> float:
+    rng = np.random.default_rng(0)
+
+    def step(blob: bytes) -> None:
+        pil_multicrop(Image.open(io.BytesIO(blob)).convert("RGB"), rng, cfg)
+
+    return _rate(step, blobs, seconds)
+
+
+def rate_ours(blobs: list[bytes], cfg: augment.MultiCropConfig, seconds: float) -> float:
+    from data_pipelines import records
+
+    rng = np.random.default_rng(0)
+    global_out = np.empty((cfg.num_global, cfg.global_size, cfg.global_size, 3), np.uint8)
+    local_out = np.empty((cfg.num_local, cfg.local_size, cfg.local_size, 3), np.uint8)
+
+    def step(blob: bytes) -> None:
+        augment.multicrop(records.decode_image(blob, channels=3), rng, cfg, global_out, local_out)
+
+    return _rate(step, blobs, seconds)
+
+
+def write_dataset(blobs: list[bytes], modality: str, directory: pathlib.Path) -> pathlib.Path:
+    """The images as a converted dataset (4 TFRecord shards + manifest), as the converter writes."""
+    from data_pipelines import manifest, records
+
+    directory.mkdir(parents=True)
+    fmt = "jpeg" if blobs[0][:3] == b"\xff\xd8\xff" else "png"
+    shards = []
+    for s, part in enumerate(np.array_split(np.arange(len(blobs)), 4)):
+        payloads = []
+        for i in part:
+            h, w, c = records.decode_image(blobs[i], channels=3).shape
+            payloads.append(records.encode_example(image=blobs[i], image_format=fmt, height=h, width=w, channels=c,
+                                                   modality=modality, labels=[0], dataset="bench",
+                                                   image_id=f"bench-{i}"))
+        name = manifest.shard_name("train", s, 4, "tfrecord")
+        records.write_tfrecords(directory / name, payloads)
+        shards.append(manifest.Shard(name, len(payloads), manifest.file_sha256(directory / name)))
+    split = manifest.Split(tuple(shards), len(blobs), (len(blobs),), (0.5,) * 3, (0.25,) * 3)
+    manifest.save_manifest(manifest.Manifest(
+        dataset="bench", modality=modality, format="tfrecord", label_names=("x",), multi_label=False,
+        pixel_depth=8, channels=3, feature_spec=records.FEATURE_SPEC, splits={"train": split}), directory)
+    return directory
+
+
+def rate_pipeline(directory: pathlib.Path, cfg: augment.MultiCropConfig, seconds: float,
+                  batch: int = 32) -> float:
+    """The Grain training pipeline on one thread in this process (so CPU time is all of it)."""
+    from data_pipelines.pipeline import TrainConfig, train_iterator
+
+    config = TrainConfig(dirs=(str(directory),), per_device_batch=batch, crops=cfg, read_threads=0, prefetch=1)
+    iterator = train_iterator(config, process_index=0, process_count=1, local_devices=1)
+    next(iterator)
+    done, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
+        done += len(next(iterator)["modality"])
+    return done / (time.process_time() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--realdata", default=os.environ.get("MERMED_REALDATA", "../shared/realdata"))
+    parser.add_argument("--images", type=int, default=64, help="images per set, cycled")
+    parser.add_argument("--seconds", type=float, default=15.0, help="CPU seconds per measurement")
+    args = parser.parse_args()
+
+    import cv2
+
+    cv2.setNumThreads(1)
+    cfg = augment.MultiCropConfig()  # 2 x 224 + 10 x 96, the paper's settings
+    realdata = pathlib.Path(args.realdata)
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, python {platform.python_version()}, opencv {cv2.__version__}, "
+          f"pillow {Image.__version__}")
+    print("| images | pil img/CPU-s | ours img/CPU-s | pipeline img/CPU-s | ours / pil | pipeline / pil |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for which, modality, label in (("isic", "derm", "ISIC 384 px JPEG"), ("nih", "cxr", "NIH 64 px PNG")):
+            blobs = load_encoded(realdata, which, args.images)
+            pil = rate_pil(blobs, cfg, args.seconds)
+            ours = rate_ours(blobs, cfg, args.seconds)
+            pipe = rate_pipeline(write_dataset(blobs, modality, pathlib.Path(tmp) / which), cfg, args.seconds)
+            print(f"| {label} | {pil:.1f} | {ours:.1f} | {pipe:.1f} | {ours / pil:.2f}x | {pipe / pil:.2f}x |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
