@@ -1,0 +1,254 @@
+"""Grain training pipeline: modality-balanced multi-crop batches as uint8, resumable exactly.
+
+One Grain element is one host batch, a pure function of its step index: `sampler` says which
+modality fills each slot and which position of that modality's infinite stream it takes,
+`record_source` maps the position to (file, byte offset), and `augment` renders the crops with a
+generator keyed by (seed, host, step, slot). A `grain.MapDataset.range` over steps therefore
+makes the iterator state a step counter: saving and restoring it reproduces the uninterrupted
+batches, and worker processes (which each take every W-th step) do not change batch content.
+
+A batch, per host, with B = local devices x per-device batch, device d owning rows
+[d * b, (d + 1) * b) grouped by modality:
+    global    uint8 [B, num_global, G, G, 3]
+    local     uint8 [B, num_local, L, L, 3]
+    modality  int32 [B]   (ids of mermed_jax.modalities)
+Images stay uint8 until the device normalises them (`stats.normalize`). `to_global` turns the
+host batches into global jax.Arrays.
+
+Configuration (`TrainConfig`, or `TrainConfig.from_config(config.data)` for an ml_collections
+ConfigDict with the same field names; `crops` is a nested section of MultiCropConfig fields):
+    dirs              converted dataset directories (each with a manifest.json)
+    split             split to read, "train" by default
+    per_device_batch  images per device batch; or global_batch, divided by jax.device_count()
+    crops             MultiCropConfig: sizes, counts, scales, jitter, blur (the paper's defaults)
+    seed              one seed for stream shuffles and augmentation
+    mixture           {modality name: weight}; default equal shares of the modalities present
+    skip_corrupt      False: a bad record raises CorruptRecordError naming file and offset;
+                      True: it is logged, replaced by the next record of its stream and counted
+                      in TrainIterator.metrics()["skipped_records"]
+    worker_count      Grain worker processes (0: read in this process)
+    read_threads      threads per process computing batches (OpenCV releases the GIL)
+    prefetch          batches buffered per process
+    cycle_length      files interleaved at a time in each modality stream
+    shuffle_window    window of the per-pass window shuffle, in records
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import Any, Mapping, Sequence
+
+import cv2
+import grain
+import jax
+import numpy as np
+from absl import flags
+from google.protobuf import message
+
+from data_pipelines import record_source, records, sampler
+from data_pipelines.augment import MultiCropConfig, keyed_rng, multicrop
+from mermed_jax.modalities import MODALITIES, modality_id
+
+_AUG_KEY = 2  # key namespace of augmentation generators
+_MAX_CONSECUTIVE_SKIPS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training-pipeline settings; see the module docstring for each field."""
+
+    dirs: tuple[str, ...]
+    split: str = "train"
+    per_device_batch: int | None = None
+    global_batch: int | None = None
+    crops: MultiCropConfig = MultiCropConfig()
+    seed: int = 0
+    mixture: Mapping[str, float] | None = None
+    skip_corrupt: bool = False
+    worker_count: int = 0
+    read_threads: int = 2
+    prefetch: int = 2
+    cycle_length: int = 16
+    shuffle_window: int = 1024
+
+    def __post_init__(self):
+        if (self.per_device_batch is None) == (self.global_batch is None):
+            raise ValueError("set exactly one of per_device_batch and global_batch")
+        if not self.dirs:
+            raise ValueError("dirs names no dataset directory")
+
+    @classmethod
+    def from_config(cls, section: Any) -> TrainConfig:
+        """From an ml_collections ConfigDict (or a mapping) whose keys are this class's fields."""
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        return cls(**_fields(cls, values, "data"))
+
+    def device_batch(self) -> int:
+        if self.per_device_batch is not None:
+            return self.per_device_batch
+        if self.global_batch % jax.device_count():
+            raise ValueError(f"global_batch {self.global_batch} is not divisible by {jax.device_count()} devices")
+        return self.global_batch // jax.device_count()
+
+
+def _fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Checks keys against the dataclass fields and turns lists into tuples (configs hold lists)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"config.{where}: unknown keys {unknown}; known: {sorted(names)}")
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if "crops" in out and not isinstance(out["crops"], MultiCropConfig):
+        out["crops"] = MultiCropConfig(**_fields(MultiCropConfig, dict(out["crops"]), f"{where}.crops"))
+    return out
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    del worker_index, worker_count
+    cv2.setNumThreads(1)  # parallelism comes from processes and Grain's threads
+
+
+class _BatchMaker:
+    """step -> host batch; picklable, so Grain can run it in worker processes."""
+
+    def __init__(self, cfg: TrainConfig, host: dict[int, record_source.HostRecords], weights: np.ndarray,
+                 process_index: int, process_count: int, local_devices: int):
+        self.cfg = cfg
+        self.modalities = np.asarray(sorted(host), np.int32)
+        self.host = [host[int(m)] for m in self.modalities]
+        self.process_index = process_index
+        self.alloc = sampler.BalancedAllocator(cfg.device_batch(), local_devices, process_index,
+                                               process_count, weights)
+        self.reader = record_source.RecordReader()
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_orders": {}}
+
+    def _order(self, i: int, epoch: int) -> np.ndarray:
+        order = self._orders.get((i, epoch))
+        if order is None:
+            src = self.host[i]
+            order = sampler.epoch_order(src.unit_starts, self.cfg.seed, int(self.modalities[i]),
+                                        self.process_index, epoch, self.cfg.cycle_length,
+                                        self.cfg.shuffle_window)
+            self._orders[(i, epoch)] = order
+            self._orders.pop((i, epoch - 2), None)
+        return order
+
+    def _image(self, i: int, position: int) -> tuple[np.ndarray, int]:
+        """Decoded image at stream `position` of modality i, and how many bad records were skipped."""
+        src = self.host[i]
+        for skipped in range(min(len(src), _MAX_CONSECUTIVE_SKIPS)):
+            epoch, k = divmod(position + skipped, len(src))
+            r = self._order(i, epoch)[k]
+            path, offset = src.files[src.file_ids[r]], int(src.offsets[r])
+            try:
+                example = records.decode_example(self.reader.read(path, offset))
+                return records.decode_image(example["image"], channels=3), skipped
+            except (ValueError, KeyError, message.DecodeError) as e:
+                error = e if isinstance(e, records.CorruptRecordError) else records.CorruptRecordError(
+                    path, offset, f"{type(e).__name__}: {e}")
+                if not self.cfg.skip_corrupt:
+                    raise error from e
+                logging.warning("skipping bad record (skip_corrupt=True): %s", error)
+        raise RuntimeError(f"{_MAX_CONSECUTIVE_SKIPS} consecutive records of modality "
+                           f"{MODALITIES[self.modalities[i]]} are bad (last: {error})")
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        crops = self.cfg.crops
+        counts = self.alloc.device_counts(step)
+        position = self.alloc.stream_start(step).copy()
+        size = int(counts.sum())
+        batch = {
+            "global": np.empty((size, crops.num_global, crops.global_size, crops.global_size, 3), np.uint8),
+            "local": np.empty((size, crops.num_local, crops.local_size, crops.local_size, 3), np.uint8),
+            "modality": np.empty((size,), np.int32),
+        }
+        skipped = 0
+        slot = 0
+        for device_counts in counts:
+            for i, count in enumerate(device_counts):
+                for _ in range(count):
+                    image, bad = self._image(i, int(position[i]))
+                    skipped += bad
+                    position[i] += 1
+                    rng = keyed_rng((self.cfg.seed, _AUG_KEY, self.process_index, step, slot))
+                    multicrop(image, rng, crops, batch["global"][slot], batch["local"][slot])
+                    batch["modality"][slot] = self.modalities[i]
+                    slot += 1
+        batch["skipped"] = np.int32(skipped)
+        return batch
+
+
+def _weights(cfg: TrainConfig, present: Sequence[int]) -> tuple[list[int], np.ndarray]:
+    """Active modality ids and their weights; modalities weighted 0 are not read at all."""
+    if cfg.mixture is None:
+        return list(present), np.ones(len(present))
+    weights = {modality_id(name): float(w) for name, w in cfg.mixture.items()}
+    missing = sorted(MODALITIES[m] for m, w in weights.items() if w > 0 and m not in present)
+    if missing:
+        raise ValueError(f"mixture weights modalities with no {cfg.split!r} data in dirs: {missing}")
+    active = [m for m in present if weights.get(m, 0.0) > 0]
+    return active, np.asarray([weights[m] for m in active])
+
+
+def train_dataset(cfg: TrainConfig, *, process_index: int | None = None, process_count: int | None = None,
+                  local_devices: int | None = None) -> grain.IterDataset:
+    """The infinite Grain dataset of host batches (with a "skipped" count; see TrainIterator)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    local_devices = jax.local_device_count() if local_devices is None else local_devices
+    shards = record_source.list_shards(cfg.dirs, cfg.split)
+    active, weights = _weights(cfg, list(shards))
+    if not active:
+        raise ValueError(f"no {cfg.split!r} shards with positive mixture weight in {list(cfg.dirs)}")
+    host = {m: record_source.host_records(shards[m], process_index, process_count) for m in active}
+    empty = [MODALITIES[m] for m, h in host.items() if len(h) == 0]
+    if empty:
+        raise ValueError(f"host {process_index} of {process_count} has no records of {empty}")
+    maker = _BatchMaker(cfg, host, weights, process_index, process_count, local_devices)
+    ds = grain.MapDataset.range(0, sys.maxsize).map(maker).to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
+    if cfg.worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker processes read absl flags; programs without absl.app never parse them.
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                         per_worker_buffer_size=cfg.prefetch),
+                            worker_init_fn=_worker_init)
+    return ds
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Host batches; counts skipped records; its state is JSON, for grain.checkpoint / Orbax."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._skipped = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._parent)
+        self._skipped += int(batch.pop("skipped"))
+        return batch
+
+    def metrics(self) -> dict[str, int]:
+        return {"skipped_records": self._skipped}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._parent.get_state(), "skipped_records": self._skipped}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["grain"])
+        self._skipped = int(state["skipped_records"])
+
+
+def train_iterator(cfg: TrainConfig, **host: int | None) -> TrainIterator:
+    """Iterator over host batches; `host` may pass process_index, process_count, local_devices."""
+    return TrainIterator(iter(train_dataset(cfg, **host)))
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """Host batches -> global jax.Arrays split along dim 0 as `sharding` says (every host calls it)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

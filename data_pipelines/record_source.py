@@ -1,0 +1,129 @@
+"""Which records a host reads, and random access to them by (file, byte offset).
+
+Files come from the manifests of converted dataset directories, never from listing folders. Per
+modality, the sorted file list is dealt to hosts whole (file f goes to host f mod P) as far as it
+divides; the last (num_files mod P) files, which would leave some hosts with one file fewer, are
+split by record into P near-equal contiguous chunks instead. So no host reads a record another
+host reads, every record is read by some host, and when a modality has fewer files than hosts
+every host still gets records of it. Offsets are indexed once, at construction, from the record
+headers (`records.index_records`); reads then go straight to one record and check its CRCs.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+from concurrent import futures
+from typing import Sequence
+
+import numpy as np
+
+from data_pipelines import records
+from mermed_jax.modalities import modality_id
+
+_MAX_OPEN_FILES = 64  # per reading thread
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardFile:
+    path: str
+    num_records: int
+
+
+def list_shards(dirs: Sequence[str | os.PathLike], split: str) -> dict[int, list[ShardFile]]:
+    """Shard files of `split` per modality id, over all dataset directories, sorted by path."""
+    by_modality: dict[int, list[ShardFile]] = collections.defaultdict(list)
+    for directory in dirs:
+        manifest = records.load_manifest(directory)
+        if manifest.format != "tfrecord":
+            raise ValueError(f"{directory}: format {manifest.format!r} is not read by the pipeline; "
+                             f"convert with the tfrecord format")
+        paths = manifest.shard_paths(split)
+        for shard, path in zip(manifest.splits[split].shards, paths):
+            by_modality[modality_id(manifest.modality)].append(ShardFile(str(path), shard.num_records))
+    return {m: sorted(files, key=lambda f: f.path) for m, files in sorted(by_modality.items())}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostRecords:
+    """The records one host reads for one modality, as parallel arrays grouped in units.
+
+    Record i lives in files[file_ids[i]] at byte offset offsets[i]; records
+    [unit_starts[u], unit_starts[u + 1]) form unit u, a whole file or a record-level chunk.
+    """
+
+    files: tuple[str, ...]
+    file_ids: np.ndarray
+    offsets: np.ndarray
+    unit_starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+def index_shard(shard: ShardFile) -> np.ndarray:
+    """Record offsets of one shard, checked against the manifest's count (catches truncation)."""
+    offsets = records.index_records(shard.path)
+    if len(offsets) != shard.num_records:
+        raise ValueError(f"{shard.path}: {len(offsets)} records found, the manifest says {shard.num_records}")
+    return offsets
+
+
+def host_records(shards: Sequence[ShardFile], process_index: int, process_count: int,
+                 index_threads: int = 8) -> HostRecords:
+    """This host's records of one modality's shards (see module docstring for the split)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    whole_count = len(shards) - len(shards) % process_count
+    whole = list(shards[process_index:whole_count:process_count])
+    rest = list(shards[whole_count:])
+    with futures.ThreadPoolExecutor(max(1, index_threads)) as pool:
+        whole_offsets = list(pool.map(index_shard, whole))
+        rest_offsets = list(pool.map(index_shard, rest))
+    files = tuple(s.path for s in whole + rest)
+    file_ids = [np.full(len(o), i, np.int32) for i, o in enumerate(whole_offsets)]
+    offsets = list(whole_offsets)
+    sizes = [len(o) for o in whole_offsets]
+    if rest:
+        rest_ids = np.concatenate([np.full(len(o), len(whole) + i, np.int32) for i, o in enumerate(rest_offsets)])
+        rest_all = np.concatenate(rest_offsets)
+        bounds = np.linspace(0, len(rest_all), process_count + 1).round().astype(np.int64)
+        lo, hi = bounds[process_index], bounds[process_index + 1]
+        file_ids.append(rest_ids[lo:hi])
+        offsets.append(rest_all[lo:hi])
+        sizes.append(int(hi - lo))
+    sizes_arr = np.asarray([s for s in sizes if s > 0], np.int64)
+    return HostRecords(
+        files=files,
+        file_ids=np.concatenate(file_ids) if file_ids else np.zeros(0, np.int32),
+        offsets=np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
+        unit_starts=np.concatenate([[0], np.cumsum(sizes_arr)]).astype(np.int64),
+    )
+
+
+class RecordReader:
+    """Reads CRC-checked record payloads by (path, offset), keeping files open per thread.
+
+    Grain reads elements on several threads; each thread gets its own open files (a shared
+    handle's seek + read would race). Picklable, so it travels to Grain worker processes.
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def read(self, path: str, offset: int) -> bytes:
+        cache = getattr(self._local, "files", None)
+        if cache is None:
+            cache = self._local.files = collections.OrderedDict()
+        reader = cache.pop(path, None) or records.RecordFileReader(path)
+        cache[path] = reader
+        if len(cache) > _MAX_OPEN_FILES:
+            cache.popitem(last=False)[1].close()
+        return reader.read(offset)
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()

@@ -1,0 +1,345 @@
+"""Training and evaluation pipelines on tiny synthetic shards: resume, balance, sharding, bad input."""
+from __future__ import annotations
+
+import collections
+import pathlib
+
+import cv2
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from data_pipelines import eval_pipeline, manifest, record_source, records, sampler, stats
+from data_pipelines.augment import MultiCropConfig
+from data_pipelines.pipeline import TrainConfig, to_global, train_iterator
+from mermed_jax.modalities import MODALITIES, NUM_MODALITIES, modality_id
+
+TINY = MultiCropConfig(global_size=16, local_size=8, num_local=2)
+
+
+def _png(rng: np.random.Generator, value: int) -> bytes:
+    image = np.full((12, 10, 3), value, np.uint8)
+    image[..., 1] = rng.integers(0, 255, (12, 10), dtype=np.uint8)
+    return records.encode_png(image)
+
+
+def write_dataset(root: pathlib.Path, name: str, modality: str, shard_sizes: list[int], *,
+                  split: str = "train", labels=lambda i: [i % 3], corrupt: dict[tuple[int, int], bytes] = None,
+                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> pathlib.Path:
+    """A converted dataset dir: PNG records whose red channel encodes (modality, running index)."""
+    directory = root / name
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(len(name))
+    shards, index = [], 0
+    for s, size in enumerate(shard_sizes):
+        payloads = []
+        for r in range(size):
+            image = (corrupt or {}).get((s, r)) or _png(rng, index % 256)
+            payloads.append(records.encode_example(
+                image=image, image_format="png", height=12, width=10, channels=3, modality=modality,
+                labels=labels(index), dataset=name, image_id=f"{name}-{index}"))
+            index += 1
+        file = manifest.shard_name(split, s, len(shard_sizes), "tfrecord")
+        records.write_tfrecords(directory / file, payloads)
+        shards.append(manifest.Shard(file, size, manifest.file_sha256(directory / file)))
+    split_info = manifest.Split(tuple(shards), index, (0, 0, 0), tuple(mean), tuple(std))
+    manifest.save_manifest(manifest.Manifest(
+        dataset=name, modality=modality, format="tfrecord", label_names=("a", "b", "c"), multi_label=True,
+        pixel_depth=8, channels=3, feature_spec=records.FEATURE_SPEC, splits={split: split_info}), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def three_modalities(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("data")
+    return [str(write_dataset(root, "ctset", "ct", [7, 5, 6])),
+            str(write_dataset(root, "cxrset", "cxr", [4, 4])),
+            str(write_dataset(root, "dermset", "derm", [3]))]
+
+
+def _cfg(dirs, **kw) -> TrainConfig:
+    defaults = dict(crops=TINY, read_threads=0, prefetch=1, shuffle_window=4, cycle_length=2, per_device_batch=4)
+    return TrainConfig(dirs=tuple(dirs), **{**defaults, **kw})
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_layout(three_modalities):
+    it = train_iterator(_cfg(three_modalities), process_index=0, process_count=1, local_devices=2)
+    batch = next(it)
+    assert set(batch) == {"global", "local", "modality"}
+    assert batch["global"].shape == (8, 2, 16, 16, 3) and batch["global"].dtype == np.uint8
+    assert batch["local"].shape == (8, 2, 8, 8, 3) and batch["local"].dtype == np.uint8
+    assert batch["modality"].dtype == np.int32
+    assert set(batch["modality"]) <= {modality_id(m) for m in ("ct", "cxr", "derm")}
+
+
+def test_resume_continues_exactly(three_modalities):
+    cfg = _cfg(three_modalities)
+    host = dict(process_index=0, process_count=1, local_devices=2)
+    reference = _take(train_iterator(cfg, **host), 9)
+    first = train_iterator(cfg, **host)
+    _take(first, 4)
+    state = first.get_state()
+    restored = train_iterator(cfg, **host)
+    restored.set_state(state)
+    _assert_batches_equal(_take(restored, 5), reference[4:])
+
+
+def test_resume_with_worker_processes(three_modalities):
+    cfg = _cfg(three_modalities, worker_count=2)
+    host = dict(process_index=0, process_count=1, local_devices=1)
+    reference = _take(train_iterator(_cfg(three_modalities), **host), 5)
+    first = train_iterator(cfg, **host)
+    _assert_batches_equal(_take(first, 2), reference[:2])
+    state = first.get_state()
+    first.close()
+    restored = train_iterator(cfg, **host)
+    restored.set_state(state)
+    _assert_batches_equal(_take(restored, 3), reference[2:])
+    restored.close()
+
+
+def test_per_device_counts_equal_with_rotating_remainder(three_modalities):
+    # b = 4 over 3 modalities: each device batch holds 1 of each plus one extra that rotates.
+    it = train_iterator(_cfg(three_modalities), process_index=0, process_count=1, local_devices=2)
+    extras = collections.Counter()
+    for batch in _take(it, 6):
+        for device_rows in batch["modality"].reshape(2, 4):
+            counts = collections.Counter(device_rows.tolist())
+            assert sorted(counts) == sorted(modality_id(m) for m in ("ct", "cxr", "derm"))
+            assert sorted(counts.values()) == [1, 1, 2]
+            extras.update(m for m, c in counts.items() if c == 2)
+    assert sorted(extras.values()) == [4, 4, 4]  # 12 device batches, extras spread evenly
+
+
+def test_small_device_batch_is_balanced_per_host():
+    alloc = sampler.BalancedAllocator(per_device_batch=2, local_devices=4, process_index=1,
+                                      process_count=2, weights=np.ones(7))
+    for step in range(20):
+        per_host = alloc.device_counts(step).sum(axis=0)
+        assert per_host.sum() == 8 and per_host.max() - per_host.min() <= 1
+        assert (alloc.device_counts(step).sum(axis=1) == 2).all()
+
+
+def test_global_batch_balanced_across_hosts():
+    hosts = [sampler.BalancedAllocator(5, 2, p, 3, np.ones(NUM_MODALITIES)) for p in range(3)]
+    for step in range(12):
+        total = sum(h.device_counts(step).sum(axis=0) for h in hosts)
+        assert total.sum() == 30 and total.max() - total.min() <= 1
+
+
+def test_stream_start_matches_running_sum():
+    alloc = sampler.BalancedAllocator(7, 3, 1, 4, np.array([0.5, 0.3, 0.2]))
+    running = np.zeros(3, np.int64)
+    for step in range(300):
+        np.testing.assert_array_equal(alloc.stream_start(step), running)
+        running += alloc.device_counts(step).sum(axis=0)
+    # Mixture weights: shares follow the weights.
+    np.testing.assert_allclose(running / running.sum(), [0.5, 0.3, 0.2], atol=0.01)
+
+
+def test_mixture_weights_in_batches(three_modalities):
+    cfg = _cfg(three_modalities, per_device_batch=8, mixture={"ct": 0.5, "cxr": 0.5})
+    batch = next(train_iterator(cfg, process_index=0, process_count=1, local_devices=1))
+    assert collections.Counter(batch["modality"].tolist()) == {modality_id("ct"): 4, modality_id("cxr"): 4}
+
+
+def test_mixture_naming_absent_modality_fails(three_modalities):
+    with pytest.raises(ValueError, match="oct"):
+        train_iterator(_cfg(three_modalities, mixture={"oct": 1.0}), process_index=0, process_count=1,
+                       local_devices=1)
+
+
+def _record_set(h: record_source.HostRecords) -> set[tuple[str, int]]:
+    return {(h.files[f], int(o)) for f, o in zip(h.file_ids, h.offsets)}
+
+
+def test_hosts_read_disjoint_files_covering_all(tmp_path):
+    write_dataset(tmp_path, "d", "path", [3, 2, 4, 1])
+    shards = record_source.list_shards([tmp_path / "d"], "train")[modality_id("path")]
+    hosts = [record_source.host_records(shards, p, 2) for p in range(2)]
+    files = [set(h.files) for h in hosts]
+    assert files[0].isdisjoint(files[1]) and files[0] | files[1] == {s.path for s in shards}
+    assert sum(len(h) for h in hosts) == 10
+
+
+def test_record_level_fallback_when_files_fewer_than_hosts(tmp_path):
+    write_dataset(tmp_path, "d", "us", [5, 4])
+    shards = record_source.list_shards([tmp_path / "d"], "train")[modality_id("us")]
+    hosts = [record_source.host_records(shards, p, 3) for p in range(3)]
+    sets = [_record_set(h) for h in hosts]
+    assert all(len(s) == 3 for s in sets)  # nobody idles
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    everything = {(s.path, int(o)) for s in shards for o in records.index_records(s.path)}
+    assert sets[0] | sets[1] | sets[2] == everything
+
+
+def test_two_hosts_split_every_modality(three_modalities):
+    # 3, 2 and 1 files over 2 hosts: file-level, file-level, record-level.
+    shards = record_source.list_shards(three_modalities, "train")
+    for m, files in shards.items():
+        hosts = [_record_set(record_source.host_records(files, p, 2)) for p in range(2)]
+        assert not hosts[0] & hosts[1]
+        assert len(hosts[0] | hosts[1]) == sum(f.num_records for f in files)
+
+
+def test_epoch_order_is_a_permutation_and_reshuffles():
+    starts = np.array([0, 5, 9, 20, 21])
+    a = sampler.epoch_order(starts, 0, 1, 0, 0, cycle_length=2, shuffle_window=3)
+    b = sampler.epoch_order(starts, 0, 1, 0, 1, cycle_length=2, shuffle_window=3)
+    assert sorted(a) == list(range(21)) and sorted(b) == list(range(21))
+    assert not np.array_equal(a, b)
+
+
+def test_small_modality_cycles_more_often(three_modalities):
+    it = train_iterator(_cfg(three_modalities, per_device_batch=6), process_index=0, process_count=1,
+                        local_devices=1)
+    counts = collections.Counter()
+    for batch in _take(it, 3):
+        counts.update(batch["modality"].tolist())
+    # 3 derm records, 6 derm images drawn: the derm stream has passed over its data twice.
+    assert counts[modality_id("derm")] == 6
+
+
+def _corrupt_dir(tmp_path, modality="ct"):
+    # Record 1 of shard 0 holds bytes that are neither PNG nor JPEG.
+    return str(write_dataset(tmp_path, "bad", modality, [3], corrupt={(0, 1): b"not an image"}))
+
+
+def test_bad_image_raises_naming_file_and_offset(tmp_path):
+    directory = _corrupt_dir(tmp_path)
+    cfg = _cfg([directory], per_device_batch=3, shuffle_window=1)
+    offsets = records.index_records(pathlib.Path(directory) / "train-00000-of-00001.tfrecord")
+    with pytest.raises(records.CorruptRecordError) as info:
+        next(train_iterator(cfg, process_index=0, process_count=1, local_devices=1))
+    assert info.value.path.endswith("train-00000-of-00001.tfrecord")
+    assert info.value.offset == offsets[1]
+    assert str(offsets[1]) in str(info.value)
+
+
+def test_bad_image_skipped_and_counted(tmp_path):
+    cfg = _cfg([_corrupt_dir(tmp_path)], per_device_batch=3, skip_corrupt=True)
+    it = train_iterator(cfg, process_index=0, process_count=1, local_devices=1)
+    batches = _take(it, 2)
+    assert it.metrics()["skipped_records"] == 2  # one bad record, met once per pass
+    assert all(b["global"].shape[0] == 3 for b in batches)
+    state = it.get_state()
+    assert state["skipped_records"] == 2
+
+
+def test_bad_crc_raises_naming_file_and_offset(tmp_path):
+    directory = pathlib.Path(write_dataset(tmp_path, "crc", "cfp", [3]))
+    path = directory / "train-00000-of-00001.tfrecord"
+    offsets = records.index_records(path)
+    data = bytearray(path.read_bytes())
+    data[offsets[2] + 20] ^= 0xFF  # inside the payload: the header still indexes
+    path.write_bytes(bytes(data))
+    cfg = _cfg([str(directory)], per_device_batch=3)
+    with pytest.raises(records.CorruptRecordError, match=str(offsets[2])):
+        next(train_iterator(cfg, process_index=0, process_count=1, local_devices=1))
+
+
+def test_config_from_configdict(three_modalities):
+    import ml_collections
+
+    section = ml_collections.ConfigDict({
+        "dirs": list(three_modalities), "per_device_batch": 3, "seed": 1, "read_threads": 0,
+        "crops": {"global_size": 16, "local_size": 8, "num_local": 2, "global_scale": [0.3, 1.0]}})
+    cfg = TrainConfig.from_config(section)
+    assert cfg.crops.global_scale == (0.3, 1.0) and cfg.dirs == tuple(three_modalities)
+    with pytest.raises(ValueError, match="per_devce_batch"):
+        TrainConfig.from_config({"dirs": ["x"], "per_devce_batch": 3})
+
+
+def test_to_global_shards_batch_over_devices(three_modalities):
+    devices = np.array(jax.devices()[:4])
+    sharding = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+    batch = next(train_iterator(_cfg(three_modalities), process_index=0, process_count=1, local_devices=4))
+    arrays = to_global(batch, sharding)
+    assert arrays["global"].shape == batch["global"].shape
+    assert arrays["modality"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(arrays["local"]), batch["local"])
+
+
+def test_modality_stats_defaults_and_manifest(three_modalities):
+    mean, std = stats.modality_stats()
+    assert mean.shape == std.shape == (NUM_MODALITIES, 3) and mean.dtype == np.float32
+    np.testing.assert_allclose(mean[0], stats.IMAGENET_MEAN)
+    mean, std = stats.modality_stats(three_modalities)
+    np.testing.assert_allclose(mean[modality_id("ct")], 0.5)
+    np.testing.assert_allclose(std[modality_id("derm")], 0.25)
+    np.testing.assert_allclose(mean[modality_id("oct")], stats.IMAGENET_MEAN)
+
+
+def test_normalize_uses_each_images_modality():
+    mean, std = stats.modality_stats()
+    mean[1], std[1] = 0.0, 1.0
+    images = np.full((2, 1, 2, 2, 3), 255, np.uint8)
+    out = np.asarray(stats.normalize(images, np.array([1, 0], np.int32), mean, std))
+    np.testing.assert_allclose(out[0], 1.0)
+    np.testing.assert_allclose(out[1, 0, 0, 0], (1.0 - np.array(stats.IMAGENET_MEAN)) / stats.IMAGENET_STD,
+                               rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("eval")
+    return str(write_dataset(root, "ev", "cxr", [4, 3], split="test", labels=lambda i: [0, 2] if i % 2 else [1]))
+
+
+def _eval(directory, **kw):
+    cfg = eval_pipeline.EvalConfig(dirs=(directory,), split="test", image_size=8, batch_size=3, read_threads=0,
+                                   **kw)
+    return eval_pipeline.eval_batches(cfg, process_index=0, process_count=1)
+
+
+def test_eval_one_pass_padded_with_mask(eval_dir):
+    batches = list(_eval(eval_dir))
+    assert len(batches) == 3
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert valid.tolist() == [True] * 7 + [False] * 2
+    labels = np.concatenate([b["labels"] for b in batches])[:7]
+    assert labels.shape == (7, 3)
+    np.testing.assert_array_equal(labels[0], [0, 1, 0])
+    np.testing.assert_array_equal(labels[1], [1, 0, 1])
+    assert batches[0]["image"].shape == (3, 8, 8, 3) and batches[0]["image"].dtype == np.uint8
+    assert (np.concatenate([b["modality"] for b in batches])[:7] == modality_id("cxr")).all()
+    # The red channel carries the record's running index: order is the shards' order, no shuffle.
+    red = np.concatenate([b["image"][:, 4, 4, 0] for b in batches])[:7]
+    assert red.tolist() == list(range(7))
+
+
+def test_eval_padded_label_lists(eval_dir):
+    labels = np.concatenate([b["labels"] for b in _eval(eval_dir, labels="index")])
+    np.testing.assert_array_equal(labels[:2], [[1, -1, -1], [0, 2, -1]])
+
+
+def test_eval_hosts_split_records(eval_dir):
+    seen = []
+    for p in range(2):
+        cfg = eval_pipeline.EvalConfig(dirs=(eval_dir,), split="test", image_size=8, batch_size=2, read_threads=0)
+        batches = list(eval_pipeline.eval_batches(cfg, process_index=p, process_count=2))
+        assert len(batches) == 2  # every host runs the same number of steps
+        red = np.concatenate([b["image"][:, 4, 4, 0][b["valid"]] for b in batches])
+        seen.extend(red.tolist())
+    assert sorted(seen) == list(range(7))
+
+
+def test_eval_bad_record_is_masked_under_skip(tmp_path):
+    directory = str(write_dataset(tmp_path, "evbad", "us", [3], split="test", corrupt={(0, 1): b"\x89PNG\r\n\x1a\nbad"}))
+    with pytest.raises(records.CorruptRecordError):
+        list(_eval(directory))
+    batches = list(_eval(directory, skip_corrupt=True))
+    assert np.concatenate([b["valid"] for b in batches]).tolist() == [True, False, True]
