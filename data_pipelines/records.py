@@ -278,8 +278,8 @@ def _sniff_format(encoded: bytes) -> str | None:
     return None
 
 
-def _imdecode(encoded: bytes, source: str | None) -> np.ndarray:
-    """OpenCV decode with the stored depth and channel count, or ImageDecodeError saying why."""
+def decode_image_raw(encoded: bytes, source: str | None = None) -> np.ndarray:
+    """HxWxC RGB/grey array at the stored depth (uint8 or uint16), alpha dropped; or ImageDecodeError."""
     where = f"{source}: " if source else ""
     if not encoded:
         raise ImageDecodeError(f"{where}image bytes are empty")
@@ -319,7 +319,7 @@ def decode_image(encoded: bytes, *, channels: int = 3, source: str | None = None
     Grey images are repeated to 3 channels when channels=3. A 16-bit PNG is mapped linearly onto
     0..255 (round(v * 255 / 65535)); use `decode_image16` to keep its full depth.
     """
-    image = _imdecode(encoded, source)
+    image = decode_image_raw(encoded, source)
     if image.dtype == np.uint16:
         image = np.round(image.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
     return _to_channels(image, channels)
@@ -327,7 +327,7 @@ def decode_image(encoded: bytes, *, channels: int = 3, source: str | None = None
 
 def decode_image16(encoded: bytes, *, channels: int = 1, source: str | None = None) -> np.ndarray:
     """uint16 HxWxC array of a PNG at full depth (8-bit inputs are widened, values unchanged)."""
-    image = _imdecode(encoded, source).astype(np.uint16)
+    image = decode_image_raw(encoded, source).astype(np.uint16)
     return _to_channels(image, channels)
 
 

@@ -1,0 +1,371 @@
+"""Conversion engine: a source's items -> planned shards -> parallel, resumable writing -> manifest.
+
+The plan (which items go to which shard of which split) is a pure function of the source listing,
+the options and the id key, so an interrupted conversion run again with the same arguments finds
+the same plan: shards already completed (recorded in .convert_state.json with their sha256) are
+kept, the rest are written. A shard is written under a .partial name and renamed when complete.
+
+Nothing written names a source: shards hold pixels, labels and HMAC ids; the state file and the
+summary hold shard statistics and the hashed ids of skipped items. Bad inputs stop the conversion
+with an error naming the item, or with `skip_bad` are skipped and counted per reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+from data_pipelines import manifest as mf
+from data_pipelines import records
+from data_pipelines.privacy import image_id
+from data_pipelines.sources.base import Frame, Item, Source, SourceError
+from data_pipelines.splits import DEFAULT_FRACTIONS, assign_splits
+
+STATE_NAME = ".convert_state.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+class ConversionError(RuntimeError):
+    """A conversion that cannot go on: a bad input without skip policy, or a conflicting output."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    dataset: str
+    out_dir: pathlib.Path  # the dataset's files go to out_dir / dataset
+    fmt: str = "tfrecord"
+    shard_size: int = 1024  # source items per shard (a multi-frame item gives several records)
+    workers: int = 1
+    skip_bad: bool = False  # explicit skip policy: bad inputs are skipped and counted, not fatal
+    fractions: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+    seed: int = 0
+    progress: bool = True
+    overwrite: bool = False
+
+    @property
+    def directory(self) -> pathlib.Path:
+        return pathlib.Path(self.out_dir) / self.dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    split: str
+    name: str
+    items: tuple[Item, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardResult:
+    name: str
+    split: str
+    num_records: int
+    sha256: str
+    class_counts: tuple[int, ...]
+    sum_mean: tuple[float, ...]  # per channel, sums over images of per-image means of pixel / max
+    sum_sq: tuple[float, ...]  # same for squared values
+    pixel_depth: int
+    skipped: tuple[tuple[str, str], ...]  # (reason, hashed item id)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+    manifest: mf.Manifest
+    written: dict[str, int]  # records per split
+    skipped: dict[str, int]  # skipped items per reason
+    skipped_ids: tuple[str, ...]
+    reused_shards: int
+    total_shards: int
+
+    def summary(self) -> str:
+        lines = [f"{self.manifest.dataset}: {sum(self.written.values())} records in {self.total_shards} shards "
+                 f"({self.reused_shards} kept from an earlier run) -> {self.manifest.directory}"]
+        lines += [f"  {split}: {n} records" for split, n in self.written.items()]
+        if self.skipped:
+            lines.append(f"  skipped {sum(self.skipped.values())} inputs:")
+            lines += [f"    {n} x {reason}" for reason, n in sorted(self.skipped.items())]
+            lines.append(f"  skipped item ids (HMAC): {', '.join(self.skipped_ids)}")
+        else:
+            lines.append("  skipped 0 inputs")
+        return "\n".join(lines)
+
+
+def plan_shards(items: list[Item], options: ConvertOptions) -> list[ShardTask]:
+    """Splits (given, or stratified by patient) and a seeded shuffle into shards of shard_size items."""
+    missing = [i for i, item in enumerate(items) if item.split is None]
+    if missing:
+        made = assign_splits(
+            [items[i].labels for i in missing],
+            [items[i].group or items[i].key for i in missing],
+            options.fractions,
+            options.seed,
+        )
+        for i, split in zip(missing, made):
+            items[i] = dataclasses.replace(items[i], split=split)
+    rng = np.random.default_rng(options.seed)
+    tasks = []
+    for split in sorted({item.split for item in items}):
+        members = [item for item in items if item.split == split]
+        members = [members[j] for j in rng.permutation(len(members))]
+        count = max(1, math.ceil(len(members) / options.shard_size))
+        for index in range(count):
+            chunk = members[index * options.shard_size : (index + 1) * options.shard_size]
+            tasks.append(ShardTask(split, mf.shard_name(split, index, count, options.fmt), tuple(chunk)))
+    return tasks
+
+
+def _fingerprint(source: Source, tasks: list[ShardTask], key: bytes, options: ConvertOptions) -> str:
+    """A digest of everything that decides the shards' contents; holds no source name (ids are HMACs)."""
+    plan = {
+        "dataset": options.dataset, "format": options.fmt, "modality": source.modality,
+        "channels": source.channels, "labels": list(source.label_names), "skip_bad": options.skip_bad,
+        "windows": [dataclasses.astuple(w) for w in source.windows or ()],
+        "shards": [[t.name, [image_id(key, item.key) for item in t.items]] for t in tasks],
+    }
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+class _ArrayRecordWriter:
+    """ArrayRecord with group_size 1 (one record per chunk), so random access reads one record."""
+
+    def __init__(self, path: pathlib.Path):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self._writer = ArrayRecordWriter(str(path), "group_size:1")
+
+    def write(self, payload: bytes) -> None:
+        self._writer.write(payload)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _open_writer(path: pathlib.Path, fmt: str) -> records.TFRecordWriter | _ArrayRecordWriter:
+    return _ArrayRecordWriter(path) if fmt == "array_record" else records.TFRecordWriter(path)
+
+
+def describe(source: Source, item: Item, item_id: str) -> str:
+    """How errors name an item: its key for open sources, its hashed id for private ones (DICOM/NIfTI)."""
+    return f"item {item_id}" if source.private else f"{source.__class__.__name__} item {item.key!r} (id {item_id})"
+
+
+class _ShardStats:
+    def __init__(self, source: Source):
+        self.channels = source.channels
+        self.class_counts = np.zeros(len(source.label_names), np.int64)
+        self.sum_mean = np.zeros(source.channels)
+        self.sum_sq = np.zeros(source.channels)
+        self.depth = 8
+        self.count = 0
+
+    def add(self, pixels: np.ndarray, labels: tuple[int, ...]) -> None:
+        scaled = pixels.reshape(-1, self.channels).astype(np.float64) / np.iinfo(pixels.dtype).max
+        self.sum_mean += scaled.mean(axis=0)
+        self.sum_sq += np.square(scaled).mean(axis=0)
+        self.depth = max(self.depth, 8 * pixels.dtype.itemsize)
+        self.class_counts[list(labels)] += 1
+        self.count += 1
+
+
+def _encode(frame: Frame) -> tuple[bytes, str]:
+    if frame.encoded is not None:
+        return frame.encoded, frame.image_format
+    return records.encode_png(frame.pixels), "png"
+
+
+def _load(source: Source, item: Item, item_id: str) -> list[Frame]:
+    """All frames of an item (loaded before any is written, so a bad item leaves no partial records)."""
+    try:
+        frames = list(source.load(item))
+    except SourceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: name the item, keep the cause
+        detail = type(e).__name__ if source.private else f"{type(e).__name__}: {e}"
+        raise ConversionError(f"{describe(source, item, item_id)}: unexpected error ({detail})") from e
+    for frame in frames:
+        pixels = frame.pixels
+        if pixels.ndim != 3 or pixels.shape[2] != source.channels or pixels.dtype not in (np.uint8, np.uint16):
+            raise ConversionError(
+                f"{describe(source, item, item_id)}: source gave {pixels.dtype} pixels of shape {pixels.shape}; "
+                f"expected HxWx{source.channels} uint8/uint16"
+            )
+    return frames
+
+
+def write_shard(source: Source, key: bytes, options: ConvertOptions, task: ShardTask) -> ShardResult:
+    """Writes one shard (under a .partial name, renamed when complete) and measures it."""
+    final = options.directory / task.name
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    stats = _ShardStats(source)
+    skipped = []
+    writer = _open_writer(partial, options.fmt)
+    try:
+        for item in task.items:
+            item_id = image_id(key, item.key)
+            if any(not 0 <= label < len(source.label_names) for label in item.labels):
+                raise ConversionError(f"{describe(source, item, item_id)}: labels {item.labels} out of range")
+            try:
+                frames = _load(source, item, item_id)
+            except SourceError as e:
+                if not options.skip_bad:
+                    raise ConversionError(
+                        f"{describe(source, item, item_id)}: {e if not source.private else e.reason} "
+                        "(use the skip policy, --skip-bad, to skip and count such inputs)"
+                    ) from None
+                skipped.append((e.reason, item_id))
+                continue
+            for frame in frames:
+                encoded, image_format = _encode(frame)
+                height, width, channels = frame.pixels.shape
+                writer.write(records.encode_example(
+                    image=encoded, image_format=image_format, height=height, width=width, channels=channels,
+                    modality=source.modality, labels=item.labels, dataset=options.dataset,
+                    image_id=image_id(key, item.key + frame.suffix),
+                ))
+                stats.add(frame.pixels, item.labels)
+    finally:
+        writer.close()
+    os.replace(partial, final)
+    return ShardResult(
+        name=task.name, split=task.split, num_records=stats.count, sha256=mf.file_sha256(final),
+        class_counts=tuple(int(c) for c in stats.class_counts), sum_mean=tuple(stats.sum_mean.tolist()),
+        sum_sq=tuple(stats.sum_sq.tolist()), pixel_depth=stats.depth, skipped=tuple(skipped),
+    )
+
+
+_WORKER: tuple[Source, bytes, ConvertOptions] | None = None
+
+
+def _init_worker(source: Source, key: bytes, options: ConvertOptions) -> None:
+    global _WORKER
+    _WORKER = (source, key, options)
+
+
+def _run_task(task: ShardTask) -> ShardResult:
+    assert _WORKER is not None, "worker not initialised"
+    return write_shard(*_WORKER, task)
+
+
+def _load_state(directory: pathlib.Path, fingerprint: str, overwrite: bool) -> dict[str, ShardResult]:
+    """Completed shards of an earlier run of the same plan; refuses to mix with a different one."""
+    state_path = directory / STATE_NAME
+    existing = [p for p in directory.iterdir() if p.is_file()] if directory.is_dir() else []
+    if overwrite:
+        for path in existing:
+            path.unlink()
+        return {}
+    if not state_path.is_file():
+        if existing:
+            raise ConversionError(f"{directory} holds files from another conversion; pass overwrite to replace them")
+        return {}
+    state = json.loads(state_path.read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise ConversionError(
+            f"{directory} holds a conversion with a different plan (source, options or key); "
+            "pass overwrite to replace it"
+        )
+    done = {}
+    for name, data in state["shards"].items():
+        result = _result_from_json(data)
+        path = directory / name
+        if path.is_file() and mf.file_sha256(path) == result.sha256:
+            done[name] = result
+    return done
+
+
+def _result_from_json(data: dict) -> ShardResult:
+    tuples = ("class_counts", "sum_mean", "sum_sq")
+    fields = {k: tuple(v) if k in tuples else v for k, v in data.items()}
+    fields["skipped"] = tuple((reason, item_id) for reason, item_id in data["skipped"])
+    return ShardResult(**fields)
+
+
+def _save_state(directory: pathlib.Path, fingerprint: str, done: dict[str, ShardResult]) -> None:
+    tmp = directory / (STATE_NAME + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "shards": {n: dataclasses.asdict(r) for n, r in done.items()}}))
+    os.replace(tmp, directory / STATE_NAME)
+
+
+def _build_manifest(source: Source, options: ConvertOptions, tasks: list[ShardTask],
+                    done: dict[str, ShardResult]) -> mf.Manifest:
+    splits = {}
+    for split in sorted({t.split for t in tasks}):
+        results = [done[t.name] for t in tasks if t.split == split]
+        n = sum(r.num_records for r in results)
+        sum_mean = np.sum([r.sum_mean for r in results], axis=0)
+        sum_sq = np.sum([r.sum_sq for r in results], axis=0)
+        mean = sum_mean / max(n, 1)
+        std = np.sqrt(np.maximum(sum_sq / max(n, 1) - mean**2, 0.0))
+        splits[split] = mf.Split(
+            shards=tuple(mf.Shard(r.name, r.num_records, r.sha256) for r in results),
+            num_records=n,
+            class_counts=tuple(int(c) for c in np.sum([r.class_counts for r in results], axis=0).reshape(-1)),
+            mean=tuple(mean.tolist()),
+            std=tuple(std.tolist()),
+        )
+    return mf.Manifest(
+        dataset=options.dataset, modality=source.modality, format=options.fmt,
+        label_names=tuple(source.label_names), multi_label=source.multi_label,
+        pixel_depth=max(r.pixel_depth for r in done.values()), channels=source.channels,
+        feature_spec=records.FEATURE_SPEC, splits=splits, windows=source.windows,
+        directory=options.directory.resolve(),
+    )
+
+
+def convert(source: Source, key: bytes, options: ConvertOptions,
+            on_shard: Callable[[ShardResult], None] | None = None) -> ConversionReport:
+    """Converts a source into options.directory: shards, manifest.json and the resume state."""
+    if options.fmt not in mf.FORMATS:
+        raise ValueError(f"format {options.fmt!r} not in {mf.FORMATS}")
+    items = source.items()
+    if not items:
+        raise ConversionError(f"{source.__class__.__name__}: no inputs found")
+    tasks = plan_shards(items, options)
+    fingerprint = _fingerprint(source, tasks, key, options)
+    directory = options.directory
+    done = _load_state(directory, fingerprint, options.overwrite)
+    directory.mkdir(parents=True, exist_ok=True)
+    reused = len(done)
+    todo = [t for t in tasks if t.name not in done]
+    bar = tqdm(total=len(items), unit="item", desc=options.dataset, disable=not options.progress, file=sys.stderr)
+    bar.update(sum(len(t.items) for t in tasks if t.name in done))
+
+    def finish(result: ShardResult) -> None:
+        done[result.name] = result
+        _save_state(directory, fingerprint, done)
+        bar.update(len(next(t for t in tasks if t.name == result.name).items))
+        if on_shard is not None:
+            on_shard(result)
+
+    try:
+        if options.workers <= 1 or len(todo) <= 1:
+            for task in todo:
+                finish(write_shard(source, key, options, task))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(options.workers, len(todo)), _init_worker, (source, key, options)) as pool:
+                for result in pool.imap_unordered(_run_task, todo):
+                    finish(result)
+    finally:
+        bar.close()
+    manifest = _build_manifest(source, options, tasks, done)
+    mf.save_manifest(manifest, directory)
+    skipped = [s for t in tasks for s in done[t.name].skipped]
+    return ConversionReport(
+        manifest=manifest,
+        written={split: manifest.splits[split].num_records for split in manifest.splits},
+        skipped=dict(Counter(reason for reason, _ in skipped)),
+        skipped_ids=tuple(item_id for _, item_id in skipped),
+        reused_shards=reused,
+        total_shards=len(tasks),
+    )

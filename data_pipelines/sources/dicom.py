@@ -1,0 +1,116 @@
+"""DICOM files via pydicom: CT to HU windows, other images at their stored depth.
+
+- CT (Modality CT, one sample per pixel): stored value * RescaleSlope + RescaleIntercept = HU,
+  then one uint8 channel per window (sources/ct.py).
+- Other grey images: MONOCHROME1 is inverted (so bright = dense everywhere); up to 8 bits stored
+  are uint8, more are kept as 16-bit PNG at their stored values.
+- Palette colour goes through its LUT; RGB/YBR come out as RGB (pydicom converts YBR).
+- Multi-frame files give one image per frame (at a stride).
+- A CT image without HU (a rendered secondary capture, RGB or 8-bit) is kept as rendered, in the
+  dataset's channel count; its channels are then not windows.
+
+Only pixels leave the file. The item key is the SOP Instance UID (hashed into the image id);
+PatientID groups items into splits in memory; no tag value is written or logged, and errors name
+the item by its hashed id only.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_color_lut
+
+from data_pipelines.manifest import Window
+from data_pipelines.sources.base import DEFAULT_CHANNELS, Frame, Item, Source, SourceError, to_channels
+from data_pipelines.sources.ct import apply_windows
+
+
+def list_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """Every regular file under root except obvious non-DICOM sidecars (DICOM often has no suffix)."""
+    skip = {".txt", ".json", ".csv", ".md", ".nii", ".gz", ".png", ".jpg", ".jpeg"}
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in skip)
+
+
+def _grey(ds: pydicom.Dataset, frame: np.ndarray) -> np.ndarray:
+    bits = int(ds.get("BitsStored", 8 * frame.dtype.itemsize))
+    frame = frame.astype(np.int64)
+    if ds.get("PixelRepresentation", 0) == 1:  # two's complement: offset into the unsigned range
+        frame = frame + 2 ** (bits - 1)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        frame = (2**bits - 1) - frame
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    return np.clip(frame, 0, np.iinfo(dtype).max).astype(dtype)
+
+
+class DicomSource(Source):
+    private = True
+
+    def __init__(
+        self,
+        root: str | pathlib.Path,
+        *,
+        modality: str,
+        windows: tuple[Window, ...],
+        channels: int | None = None,
+        frame_stride: int = 1,
+    ):
+        self.root = pathlib.Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: not a directory")
+        self.modality = modality
+        self.ct_windows = windows
+        self.frame_stride = frame_stride
+        # A CT set stores one channel per window; anything else the user's or the modality's count.
+        self.windows = windows if modality == "ct" else None
+        self.channels = len(windows) if modality == "ct" else (channels or DEFAULT_CHANNELS[modality])
+
+    def items(self) -> list[Item]:
+        items = []
+        for path in list_files(self.root):
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"])
+                key, group = str(ds.get("SOPInstanceUID") or path), str(ds.get("PatientID") or "") or None
+            except Exception:  # noqa: BLE001 - an unreadable file fails again, and is counted, at load
+                key, group = str(path), None
+            items.append(Item(key=key, group=group, ref=path))
+        return items
+
+    def load(self, item: Item) -> Iterator[Frame]:
+        try:
+            ds = pydicom.dcmread(item.ref)
+        except Exception as e:  # noqa: BLE001 - pydicom raises many types for non-DICOM input
+            raise SourceError("not a readable DICOM file", type(e).__name__) from None
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise SourceError("DICOM without pixel data")
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:  # noqa: BLE001 - codec errors come in many types
+            raise SourceError("DICOM pixel data does not decode", type(e).__name__) from None
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames == 1:
+            pixels = pixels[None]
+        for index in range(0, frames, self.frame_stride):
+            suffix = f"#frame{index}" if frames > 1 else ""
+            yield Frame(pixels=self._convert(ds, pixels[index]), suffix=suffix)
+
+    def _convert(self, ds: pydicom.Dataset, frame: np.ndarray) -> np.ndarray:
+        samples = int(ds.get("SamplesPerPixel", 1))
+        if samples == 1 and ds.get("Modality") == "CT" and self.modality == "ct":
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            return apply_windows(frame.astype(np.float64) * slope + intercept, self.ct_windows)
+        if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+            rgb = apply_color_lut(frame, ds)
+            if rgb.dtype != np.uint8:  # 16-bit LUT entries
+                rgb = (rgb >> 8).astype(np.uint8)
+            image = rgb
+        elif samples == 3:
+            image = frame.astype(np.uint8) if frame.dtype != np.uint16 else frame
+        else:
+            image = _grey(ds, frame)
+        if self.modality == "ct":  # a rendered (non-HU) CT image, e.g. a secondary capture: kept as rendered
+            image = image if image.dtype == np.uint8 else (image >> 8).astype(np.uint8)
+        return to_channels(image, self.channels)
