@@ -14,7 +14,8 @@ padding rows are zeros with valid=False. A batch:
 Configuration (`EvalConfig`, or `EvalConfig.from_config(section)` with the same field names):
 dirs, split ("test"), batch_size (per host), image_size (224), crop_fraction (0.875), labels,
 skip_corrupt (False: a bad record raises CorruptRecordError naming file and offset; True: its
-row is returned with valid=False and counted in the log), read_threads.
+row comes back with valid=False and a logged warning, and records lost to a truncated shard are
+logged and left out), read_threads.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def _all_records(cfg: EvalConfig) -> tuple[_Records, int, bool]:
         label_names = manifest.label_names
         multi_label |= manifest.multi_label
         for shard, path in zip(manifest.splits[cfg.split].shards, manifest.shard_paths(cfg.split)):
-            found = record_source.index_shard(record_source.ShardFile(str(path), shard.num_records))
+            found = record_source.index_shard(record_source.ShardFile(str(path), shard.num_records),
+                                              cfg.skip_corrupt)
             file_ids.append(np.full(len(found), len(files), np.int32))
             offsets.append(found)
             files.append(str(path))
@@ -155,6 +157,7 @@ def eval_dataset(cfg: EvalConfig, *, process_index: int | None = None,
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=max(1, cfg.read_threads)))
 
 
-def eval_batches(cfg: EvalConfig, **host: int | None) -> Iterator[dict[str, np.ndarray]]:
-    """Iterator of eval batches; `host` may pass process_index and process_count."""
-    return iter(eval_dataset(cfg, **host))
+def eval_batches(cfg: EvalConfig, *, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Iterator of eval batches; host arguments default to jax's."""
+    return iter(eval_dataset(cfg, process_index=process_index, process_count=process_count))

@@ -197,6 +197,12 @@ def _weights(cfg: TrainConfig, present: Sequence[int]) -> tuple[list[int], np.nd
 def train_dataset(cfg: TrainConfig, *, process_index: int | None = None, process_count: int | None = None,
                   local_devices: int | None = None) -> grain.IterDataset:
     """The infinite Grain dataset of host batches (with a "skipped" count; see TrainIterator)."""
+    return _build(cfg, process_index, process_count, local_devices)[0]
+
+
+def _build(cfg: TrainConfig, process_index: int | None, process_count: int | None,
+           local_devices: int | None) -> tuple[grain.IterDataset, int]:
+    """The dataset and the number of this host's records lost to damaged shards."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     local_devices = jax.local_device_count() if local_devices is None else local_devices
@@ -204,7 +210,8 @@ def train_dataset(cfg: TrainConfig, *, process_index: int | None = None, process
     active, weights = _weights(cfg, list(shards))
     if not active:
         raise ValueError(f"no {cfg.split!r} shards with positive mixture weight in {list(cfg.dirs)}")
-    host = {m: record_source.host_records(shards[m], process_index, process_count) for m in active}
+    host = {m: record_source.host_records(shards[m], process_index, process_count, cfg.skip_corrupt)
+            for m in active}
     empty = [MODALITIES[m] for m, h in host.items() if len(h) == 0]
     if empty:
         raise ValueError(f"host {process_index} of {process_count} has no records of {empty}")
@@ -218,15 +225,20 @@ def train_dataset(cfg: TrainConfig, *, process_index: int | None = None, process
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.prefetch),
                             worker_init_fn=_worker_init)
-    return ds
+    return ds, sum(h.missing for h in host.values())
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Host batches; counts skipped records; its state is JSON, for grain.checkpoint / Orbax."""
+    """Host batches; counts skipped records; its state is JSON, for grain.checkpoint / Orbax.
 
-    def __init__(self, parent: grain.DatasetIterator):
+    metrics(): skipped_records (bad records met while reading, replaced by the next of their
+    stream) and unreadable_records (records of damaged shards lost at indexing time).
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, unreadable: int = 0):
         super().__init__(parent)
         self._skipped = 0
+        self._unreadable = unreadable
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._parent)
@@ -234,7 +246,7 @@ class TrainIterator(grain.DatasetIterator):
         return batch
 
     def metrics(self) -> dict[str, int]:
-        return {"skipped_records": self._skipped}
+        return {"skipped_records": self._skipped, "unreadable_records": self._unreadable}
 
     def get_state(self) -> dict[str, Any]:
         return {"grain": self._parent.get_state(), "skipped_records": self._skipped}
@@ -244,9 +256,11 @@ class TrainIterator(grain.DatasetIterator):
         self._skipped = int(state["skipped_records"])
 
 
-def train_iterator(cfg: TrainConfig, **host: int | None) -> TrainIterator:
-    """Iterator over host batches; `host` may pass process_index, process_count, local_devices."""
-    return TrainIterator(iter(train_dataset(cfg, **host)))
+def train_iterator(cfg: TrainConfig, *, process_index: int | None = None, process_count: int | None = None,
+                   local_devices: int | None = None) -> TrainIterator:
+    """Iterator over host batches; host arguments default to jax's (tests pass them explicitly)."""
+    dataset, unreadable = _build(cfg, process_index, process_count, local_devices)
+    return TrainIterator(iter(dataset), unreadable)
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:

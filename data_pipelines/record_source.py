@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import logging
 import os
 import threading
 from concurrent import futures
@@ -51,36 +53,67 @@ class HostRecords:
 
     Record i lives in files[file_ids[i]] at byte offset offsets[i]; records
     [unit_starts[u], unit_starts[u + 1]) form unit u, a whole file or a record-level chunk.
+    `missing` counts records the manifest lists but damaged shards lost (skip_corrupt only).
     """
 
     files: tuple[str, ...]
     file_ids: np.ndarray
     offsets: np.ndarray
     unit_starts: np.ndarray
+    missing: int = 0
 
     def __len__(self) -> int:
         return len(self.offsets)
 
 
-def index_shard(shard: ShardFile) -> np.ndarray:
-    """Record offsets of one shard, checked against the manifest's count (catches truncation)."""
-    offsets = records.index_records(shard.path)
+def index_shard(shard: ShardFile, skip_corrupt: bool = False) -> np.ndarray:
+    """Record offsets of one shard, checked against the manifest's count.
+
+    A truncated or header-corrupt shard raises CorruptRecordError naming the file and offset;
+    under `skip_corrupt` the records before the damage are kept and the loss is logged (the
+    caller counts it from the manifest's count).
+    """
+    try:
+        offsets = records.index_records(shard.path)
+    except records.CorruptRecordError as e:
+        if not skip_corrupt:
+            raise
+        offsets = _readable_prefix(shard.path)
+        logging.warning("%s; keeping the %d records before it (skip_corrupt=True)", e, len(offsets))
+        return offsets
     if len(offsets) != shard.num_records:
         raise ValueError(f"{shard.path}: {len(offsets)} records found, the manifest says {shard.num_records}")
     return offsets
 
 
+def _readable_prefix(path: str) -> np.ndarray:
+    """Offsets of the records before the first damaged one (TFRecord has no resync marker)."""
+    offsets = []
+    try:
+        for offset, _ in records.iter_records(path):
+            offsets.append(offset)
+    except records.CorruptRecordError:
+        pass
+    return np.asarray(offsets, np.int64)
+
+
 def host_records(shards: Sequence[ShardFile], process_index: int, process_count: int,
-                 index_threads: int = 8) -> HostRecords:
+                 skip_corrupt: bool = False, index_threads: int = 8) -> HostRecords:
     """This host's records of one modality's shards (see module docstring for the split)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     whole_count = len(shards) - len(shards) % process_count
     whole = list(shards[process_index:whole_count:process_count])
     rest = list(shards[whole_count:])
+    index = functools.partial(index_shard, skip_corrupt=skip_corrupt)
     with futures.ThreadPoolExecutor(max(1, index_threads)) as pool:
-        whole_offsets = list(pool.map(index_shard, whole))
-        rest_offsets = list(pool.map(index_shard, rest))
+        whole_offsets = list(pool.map(index, whole))
+        rest_offsets = list(pool.map(index, rest))
+    # Records a damaged shard lost; the host holding the shard (or every host, for the shared
+    # record-level remainder, divided among them) accounts for them.
+    missing = sum(s.num_records - len(o) for s, o in zip(whole, whole_offsets))
+    rest_missing = sum(s.num_records - len(o) for s, o in zip(rest, rest_offsets))
+    missing += rest_missing // process_count + (process_index < rest_missing % process_count)
     files = tuple(s.path for s in whole + rest)
     file_ids = [np.full(len(o), i, np.int32) for i, o in enumerate(whole_offsets)]
     offsets = list(whole_offsets)
@@ -99,6 +132,7 @@ def host_records(shards: Sequence[ShardFile], process_index: int, process_count:
         file_ids=np.concatenate(file_ids) if file_ids else np.zeros(0, np.int32),
         offsets=np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
         unit_starts=np.concatenate([[0], np.cumsum(sizes_arr)]).astype(np.int64),
+        missing=missing,
     )
 
 

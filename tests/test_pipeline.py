@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import collections
+import json
+import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 import cv2
 import jax
@@ -343,3 +348,86 @@ def test_eval_bad_record_is_masked_under_skip(tmp_path):
         list(_eval(directory))
     batches = list(_eval(directory, skip_corrupt=True))
     assert np.concatenate([b["valid"] for b in batches]).tolist() == [True, False, True]
+
+
+def _truncate_last_record(directory: str) -> tuple[pathlib.Path, int]:
+    path = pathlib.Path(directory) / "train-00000-of-00001.tfrecord"
+    last = int(records.index_records(path)[-1])
+    path.write_bytes(path.read_bytes()[:last + 20])
+    return path, last
+
+
+def test_truncated_shard_raises_naming_file_and_offset(tmp_path):
+    path, last = _truncate_last_record(write_dataset(tmp_path, "cut", "oct", [4]))
+    with pytest.raises(records.CorruptRecordError) as info:
+        train_iterator(_cfg([str(path.parent)]), process_index=0, process_count=1, local_devices=1)
+    assert info.value.path == str(path) and info.value.offset == last
+
+
+def test_truncated_shard_skipped_and_counted(tmp_path):
+    path, _ = _truncate_last_record(write_dataset(tmp_path, "cut", "oct", [4]))
+    it = train_iterator(_cfg([str(path.parent)], skip_corrupt=True), process_index=0, process_count=1,
+                        local_devices=1)
+    assert next(it)["global"].shape[0] == 4
+    assert it.metrics() == {"skipped_records": 0, "unreadable_records": 1}
+
+
+def test_state_saves_through_grain_checkpoint_handler(three_modalities, tmp_path):
+    import grain
+    from etils import epath
+
+    cfg = _cfg(three_modalities)
+    host = dict(process_index=0, process_count=1, local_devices=1)
+    reference = _take(train_iterator(cfg, **host), 5)
+    first = train_iterator(cfg, **host)
+    _take(first, 3)
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), first)
+    restored = handler.restore(epath.Path(tmp_path), train_iterator(cfg, **host))
+    _assert_batches_equal(_take(restored, 2), reference[3:])
+
+
+_TWO_HOSTS = r"""
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from data_pipelines.augment import MultiCropConfig
+from data_pipelines.pipeline import TrainConfig, to_global, train_iterator
+cfg = TrainConfig(dirs=tuple(json.loads(sys.argv[3])), per_device_batch=3, read_threads=0,
+                  crops=MultiCropConfig(global_size=16, local_size=8, num_local=2))
+it = train_iterator(cfg)  # process index, count and local devices from jax
+mesh = Mesh(np.array(jax.devices()), ("data",))
+batch = to_global(next(it), NamedSharding(mesh, PartitionSpec("data")))
+counts = jax.jit(lambda m: jnp.zeros(7, jnp.int32).at[m].add(1),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))(batch["modality"])
+print("RESULT", json.dumps({"shape": list(batch["global"].shape), "counts": np.asarray(counts).tolist()}))
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_processes_build_a_balanced_global_batch(three_modalities, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    script = tmp_path / "host.py"
+    script.write_text(_TWO_HOSTS)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen([sys.executable, str(script), address, str(p), json.dumps(three_modalities)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for p in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.split("RESULT", 1)[1]))
+    for r in results:
+        assert r["shape"] == [12, 2, 16, 16, 3]  # 2 hosts x 2 devices x 3
+        counts = r["counts"]
+        assert sum(counts) == 12
+        assert [counts[modality_id(m)] for m in ("ct", "cxr", "derm")] == [4, 4, 4]
