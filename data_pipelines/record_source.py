@@ -1,6 +1,7 @@
 """Which records a host reads, and random access to them by (file, byte offset).
 
-Files come from the manifests of converted dataset directories, never from listing folders. Per
+Files come from the manifests of converted dataset directories (or TFDS's dataset_info.json),
+never from listing folders. Per
 modality, the sorted file list is dealt to hosts whole (file f goes to host f mod P) as far as it
 divides; the last (num_files mod P) files, which would leave some hosts with one file fewer, are
 split by record into P near-equal contiguous chunks instead. So no host reads a record another
@@ -13,18 +14,24 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import logging
 import os
+import pathlib
 import threading
 from concurrent import futures
 from typing import Sequence
 
 import numpy as np
+from etils import epath
+from tensorflow_datasets.core import naming
 
+from data_pipelines import manifest as manifest_lib
 from data_pipelines import records
 from mermed_jax.modalities import modality_id
 
 _MAX_OPEN_FILES = 64  # per reading thread
+_TFDS_INFO = "dataset_info.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,17 +41,52 @@ class ShardFile:
 
 
 def list_shards(dirs: Sequence[str | os.PathLike], split: str) -> dict[int, list[ShardFile]]:
-    """Shard files of `split` per modality id, over all dataset directories, sorted by path."""
+    """Shard files of `split` per modality id, over all dataset directories, sorted by path.
+
+    A directory is either the converter's (manifest.json) or one prepared by a TFDS builder of
+    the same Example schema (dataset_info.json; its modality is read from its first record).
+    """
     by_modality: dict[int, list[ShardFile]] = collections.defaultdict(list)
-    for directory in dirs:
-        manifest = records.load_manifest(directory)
-        if manifest.format != "tfrecord":
-            raise ValueError(f"{directory}: format {manifest.format!r} is not read by the pipeline; "
-                             f"convert with the tfrecord format")
-        paths = manifest.shard_paths(split)
-        for shard, path in zip(manifest.splits[split].shards, paths):
-            by_modality[modality_id(manifest.modality)].append(ShardFile(str(path), shard.num_records))
+    for directory in map(pathlib.Path, dirs):
+        if (directory / manifest_lib.MANIFEST_NAME).is_file():
+            modality, shards = _manifest_shards(directory, split)
+        elif (directory / _TFDS_INFO).is_file():
+            modality, shards = _tfds_shards(directory, split)
+        else:
+            raise FileNotFoundError(f"{directory}: neither {manifest_lib.MANIFEST_NAME} (converter) nor "
+                                    f"{_TFDS_INFO} (TFDS) found")
+        by_modality[modality].extend(shards)
     return {m: sorted(files, key=lambda f: f.path) for m, files in sorted(by_modality.items())}
+
+
+def _manifest_shards(directory: pathlib.Path, split: str) -> tuple[int, list[ShardFile]]:
+    manifest = records.load_manifest(directory)
+    if manifest.format != "tfrecord":
+        raise ValueError(f"{directory}: format {manifest.format!r} is not read by the pipeline; "
+                         f"convert with the tfrecord format")
+    shards = [ShardFile(str(path), shard.num_records)
+              for shard, path in zip(manifest.splits[split].shards, manifest.shard_paths(split))]
+    return modality_id(manifest.modality), shards
+
+
+def _tfds_shards(directory: pathlib.Path, split: str) -> tuple[int, list[ShardFile]]:
+    info = json.loads((directory / _TFDS_INFO).read_text())
+    file_format = info.get("fileFormat", "tfrecord")
+    if file_format != "tfrecord":
+        raise ValueError(f"{directory}: TFDS file format {file_format!r} is not read by the pipeline; "
+                         f"prepare with file_format='tfrecord'")
+    splits = {s["name"]: s for s in info.get("splits", [])}
+    if split not in splits:
+        raise KeyError(f"{directory}: no split {split!r}; has {sorted(splits)}")
+    lengths = [int(n) for n in splits[split].get("shardLengths", [])]
+    template = naming.ShardedFileTemplate(
+        data_dir=epath.Path(directory), template=splits[split].get("filepathTemplate", naming.DEFAULT_FILENAME_TEMPLATE),
+        dataset_name=info["name"], split=split, filetype_suffix="tfrecord")
+    shards = [ShardFile(str(path), n) for path, n in zip(template.sharded_filepaths(len(lengths)), lengths)]
+    if not shards:
+        raise ValueError(f"{directory}: split {split!r} has no shards")
+    first = records.decode_example(records.read_record_at(shards[0].path, 0))
+    return modality_id(first["modality"]), shards
 
 
 @dataclasses.dataclass(frozen=True)

@@ -431,3 +431,23 @@ def test_two_processes_build_a_balanced_global_batch(three_modalities, tmp_path)
         counts = r["counts"]
         assert sum(counts) == 12
         assert [counts[modality_id(m)] for m in ("ct", "cxr", "derm")] == [4, 4, 4]
+
+
+def test_reads_tfds_prepared_directory(tmp_path):
+    # The layout and dataset_info.json fields TFDS 4.9 writes (checked against a real prepare).
+    directory = tmp_path / "medmnist_like" / "1.0.0"
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for s, size in enumerate([3, 2]):
+        payloads = [records.encode_example(image=_png(rng, i), image_format="png", height=12, width=10, channels=3,
+                                           modality="path", labels=[0], dataset="medmnist_like", image_id=str(i))
+                    for i in range(size)]
+        records.write_tfrecords(directory / f"medmnist_like-train.tfrecord-{s:05d}-of-00002", payloads)
+    (directory / "dataset_info.json").write_text(json.dumps({
+        "fileFormat": "tfrecord", "name": "medmnist_like", "version": "1.0.0",
+        "splits": [{"filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", "name": "train",
+                    "numBytes": "1", "shardLengths": ["3", "2"]}]}))
+    shards = record_source.list_shards([directory], "train")
+    assert list(shards) == [modality_id("path")] and [f.num_records for f in shards[modality_id("path")]] == [3, 2]
+    batch = next(train_iterator(_cfg([str(directory)]), process_index=0, process_count=1, local_devices=1))
+    assert (batch["modality"] == modality_id("path")).all()
