@@ -6,14 +6,16 @@ resampling, horizontal flip, colour jitter (brightness, contrast, saturation, hu
 order) with probability `jitter_prob`, Gaussian blur with a sigma in `blur_sigma` and a
 probability per crop kind (1.0 / 0.1 for the two global crops, 0.5 for local crops).
 
-Why it is fast: parameters are sampled first, exactly as torchvision samples them; rotation,
-crop, flip and resize are then composed into one 2x3 matrix and applied by one
-`cv2.warpAffine` straight from the source image into the output batch buffer. Downscaling
-reads from a 2x pyramid level (area averaging) so that a crop is never shrunk by more than 2x in
-one bicubic pass, which keeps the antialiasing that PIL's bicubic resize has. The colour ops are
-saturating uint8 blends (`cv2.addWeighted`) and a uint8 HSV round trip, which are also PIL's
-semantics. `bench/input_pipeline.py` holds the PIL reference this is measured against, and
-tests/test_augment.py checks both agree for the same parameters.
+Why it is fast: parameters are sampled first, exactly as torchvision samples them. Rotation,
+crop and flip are composed into one 2x3 matrix and applied by one `cv2.warpAffine` (nearest,
+torchvision's rotation default) that produces only the crop box, on its own pixel grid, instead
+of rotating the whole image; one SIMD bicubic `cv2.resize` then writes the crop into the batch
+buffer. (A single bicubic warpAffine to the output would resample once, but OpenCV's bicubic warp
+is scalar code and was 10-25x slower than this pair.) Downscaling reads from a 2x pyramid level
+(area averaging), so no bicubic pass shrinks by 2x or more: that keeps most of the antialiasing
+PIL's bicubic resize has. The colour ops are saturating uint8 blends (`cv2.addWeighted`) and a
+uint8 HSV round trip, PIL's own semantics. `bench/input_pipeline.py` holds the PIL reference
+this is measured against; tests/test_augment.py checks both agree for the same parameters.
 """
 from __future__ import annotations
 

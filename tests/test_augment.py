@@ -163,3 +163,20 @@ def test_center_crop():
     np.testing.assert_array_equal(augment.center_crop(constant, 20), 77)
     # The centre of the output is the centre of the input.
     np.testing.assert_allclose(out[16, 16].astype(int), image[48, 64].astype(int), atol=6)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("pattern", ["derm_isic_uda1/images/*.jpg", "cxr_nih1000/NIH1000/train/*/*.png"])
+def test_full_multicrop_matches_pil_reference_on_real_images(realdata, pattern):
+    from data_pipelines import records
+
+    cfg = MultiCropConfig()  # the paper's 2 x 224 + 10 x 96
+    for path in sorted(realdata.glob(pattern))[:3]:
+        image = records.decode_image(path.read_bytes(), channels=3)
+        globals_, locals_ = augment.sample_multicrop(np.random.default_rng(0), *image.shape[:2], cfg)
+        pyramid = augment._Pyramid(image)
+        for params, size in [(p, cfg.global_size) for p in globals_] + [(p, cfg.local_size) for p in locals_]:
+            out = np.empty((size, size, 3), np.uint8)
+            augment.apply_crop(pyramid, params, size, out)
+            err = np.abs(out.astype(np.int32) - reference(image, params, size).astype(np.int32))
+            assert err.mean() < 3.0, (path.name, params)
