@@ -11,6 +11,10 @@ and the per-channel pixel mean/std measured during conversion (on pixel / max va
 split statistics pool exactly from record counts); CT datasets list their windows (one per channel).
 It never holds a source path, file name or DICOM tag value: only counts, names chosen by the user
 (dataset, labels) and statistics.
+
+`load_manifest` also reads a TFDS-built directory (DATA_DIR/med_mnist/<config>/<version>, see
+tfds_medmnist.py): its dataset_info.json gives shard files and counts, its metadata.json the rest.
+TFDS records no shard checksums, so those shards have sha256 None.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+TFDS_INFO_NAME = "dataset_info.json"
+TFDS_METADATA_NAME = "metadata.json"
 FORMATS = ("tfrecord", "array_record")
 
 
@@ -40,7 +46,7 @@ class Window:
 class Shard:
     file: str  # relative to the dataset directory
     num_records: int
-    sha256: str
+    sha256: str | None  # None for TFDS-built shards (TFDS records no checksum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +166,48 @@ def _from_json(data: dict[str, Any], directory: pathlib.Path) -> Manifest:
     )
 
 
+def _from_tfds(directory: pathlib.Path) -> Manifest:
+    """A Manifest for a directory built by a TFDS builder of this package (tfds_medmnist)."""
+    info = json.loads((directory / TFDS_INFO_NAME).read_text())
+    meta_path = directory / TFDS_METADATA_NAME
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    missing = [k for k in ("modality", "label_names", "channels", "mean", "std", "class_counts") if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path}: not built by a mermed TFDS builder (metadata lacks {missing})")
+    fmt = info.get("fileFormat", "tfrecord")
+    splits = {}
+    for split in info["splits"]:
+        name, lengths = split["name"], [int(n) for n in split["shardLengths"]]
+        template = split.get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
+        files = [
+            template.replace("{DATASET}", info["name"]).replace("{SPLIT}", name).replace("{FILEFORMAT}", fmt)
+            .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{len(lengths):05d}")
+            for i in range(len(lengths))
+        ]
+        splits[name] = Split(
+            shards=tuple(Shard(f, n, None) for f, n in zip(files, lengths)),
+            num_records=sum(lengths),
+            class_counts=tuple(meta["class_counts"][name]),
+            mean=tuple(meta["mean"][name]),
+            std=tuple(meta["std"][name]),
+        )
+    return Manifest(
+        dataset=info.get("configName") or info["name"], modality=meta["modality"], format=fmt,
+        label_names=tuple(meta["label_names"]), multi_label=meta.get("multi_label", False),
+        pixel_depth=meta.get("pixel_depth", 8), channels=meta["channels"], feature_spec=meta.get("feature_spec", {}),
+        splits=splits, directory=directory,
+    )
+
+
 def load_manifest(directory: str | os.PathLike) -> Manifest:
-    """The manifest of a converted dataset directory (DIR/<dataset>), with absolute shard paths."""
+    """The manifest of a converted dataset directory (DIR/<dataset>) or of a TFDS-built one."""
     directory = pathlib.Path(directory).resolve()
     path = directory / MANIFEST_NAME
+    if not path.is_file() and (directory / TFDS_INFO_NAME).is_file():
+        try:
+            return _from_tfds(directory)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{directory}: malformed TFDS dataset info ({type(e).__name__}: {e})") from e
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest (is {directory} a converted dataset directory?)")
     try:
@@ -174,9 +218,16 @@ def load_manifest(directory: str | os.PathLike) -> Manifest:
 
 
 def verify_shards(manifest: Manifest) -> None:
-    """Recomputes every shard's sha256; raises ValueError naming the first file that differs."""
+    """Recomputes every shard's sha256; raises ValueError naming the first file that differs.
+
+    Shards without a recorded checksum (TFDS-built) are only checked to exist.
+    """
     for split in manifest.splits:
         for shard, path in zip(manifest.splits[split].shards, manifest.shard_paths(split)):
+            if shard.sha256 is None:
+                if not path.is_file():
+                    raise ValueError(f"{path}: shard listed by the dataset info is missing")
+                continue
             actual = file_sha256(path)
             if actual != shard.sha256:
                 raise ValueError(f"{path}: sha256 {actual} differs from the manifest's {shard.sha256}")

@@ -241,7 +241,7 @@ def encode_example(
     _int_feature(example, "labels", labels)
     _bytes_feature(example, "dataset", dataset.encode())
     _bytes_feature(example, "image_id", image_id.encode())
-    return example.SerializeToString()
+    return example.SerializeToString(deterministic=True)  # sorted map keys: same bytes in every process
 
 
 def decode_example(serialized: bytes) -> dict[str, Any]:

@@ -15,6 +15,7 @@ class Flag:
     name: str
     modality: str  # the nearest of the seven MerMED modalities
     label_names: tuple[str, ...]
+    channels: int = 1
     multi_label: bool = False
 
 
@@ -26,20 +27,20 @@ FLAGS: dict[str, Flag] = {
     for f in (
         Flag("pathmnist", "path", ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
                                    "normal colon mucosa", "cancer-associated stroma",
-                                   "colorectal adenocarcinoma epithelium")),
+                                   "colorectal adenocarcinoma epithelium"), channels=3),
         Flag("chestmnist", "cxr", ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule",
                                    "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema",
                                    "fibrosis", "pleural", "hernia"), multi_label=True),
         Flag("dermamnist", "derm", ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
                                     "benign keratosis-like lesions", "dermatofibroma", "melanoma",
-                                    "melanocytic nevi", "vascular lesions")),
+                                    "melanocytic nevi", "vascular lesions"), channels=3),
         Flag("octmnist", "oct", ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal")),
         Flag("pneumoniamnist", "cxr", ("normal", "pneumonia")),
-        Flag("retinamnist", "cfp", ("0", "1", "2", "3", "4")),
+        Flag("retinamnist", "cfp", ("0", "1", "2", "3", "4"), channels=3),
         Flag("breastmnist", "us", ("malignant", "normal, benign")),
         Flag("bloodmnist", "path", ("basophil", "eosinophil", "erythroblast",
                                     "immature granulocytes (myelocytes, metamyelocytes and promyelocytes)",
-                                    "lymphocyte", "monocyte", "neutrophil", "platelet")),
+                                    "lymphocyte", "monocyte", "neutrophil", "platelet"), channels=3),
         Flag("tissuemnist", "path", ("Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule",
                                      "Glomerular endothelial cells", "Interstitial endothelial cells",
                                      "Leukocytes", "Podocytes", "Proximal Tubule Segments",

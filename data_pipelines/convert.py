@@ -1,0 +1,182 @@
+"""One CLI for every source kind: `python -m data_pipelines.convert <kind> ... --out DIR`.
+
+Kinds:
+    folder    ROOT/<class>/* or ROOT/<split>/<class>/* (PNG/JPEG/...)
+    csv       a CSV manifest: path, labels (multi-label with a separator), optional split, patient id
+    medmnist  MedMNIST npz files (any 2D flag and size)
+    dicom     a folder of DICOM files (CT to HU windows, MONOCHROME1, palette, multi-frame)
+    nifti     NIfTI CT volumes (axial slices at a stride, HU windows as channels)
+    demo      synthetic images of all seven modalities (no key needed)
+    new-key   create an id key file (keep it outside the output directory)
+
+Each conversion writes DIR/<dataset>/ (see data_pipelines/manifest.py), runs in --workers
+processes, resumes when re-run with the same arguments, and prints a summary of written records and
+skipped inputs. Image ids are HMACs keyed by --id-key-file or $MERMED_ID_KEY. Nothing written or
+printed names a source file or holds a DICOM tag value, except that an error stopping a conversion
+of a non-DICOM source names the offending file. Burned-in text in pixels is not removed.
+
+Examples:
+    python -m data_pipelines.convert new-key ~/mermed_id.key
+    python -m data_pipelines.convert medmnist ~/medmnist/*.npz --out data --id-key-file ~/mermed_id.key
+    python -m data_pipelines.convert csv labels.csv --modality cxr --label-column nih_finding_labels \\
+        --multi-label --none-value "No Finding" --split-column split --patient-column patient_id \\
+        --dataset nih14 --out data --id-key-file ~/mermed_id.key
+    python -m data_pipelines.convert dicom ./ct_series --modality ct --windows abdomen,lung,bone \\
+        --dataset ct1 --out data --id-key-file ~/mermed_id.key --skip-bad
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from data_pipelines import privacy
+from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
+from data_pipelines.sources.base import Source
+from data_pipelines.sources.csv_manifest import CsvSource
+from data_pipelines.sources.ct import DEFAULT_WINDOWS, parse_windows
+from data_pipelines.sources.dicom import DicomSource
+from data_pipelines.sources.image_folder import ImageFolderSource
+from data_pipelines.sources.medmnist import MedMnistSource
+from data_pipelines.sources.nifti import NiftiSource
+from data_pipelines.sources.synthetic import write_demo_data
+from data_pipelines.splits import parse_fractions
+from mermed_jax.modalities import MODALITIES
+
+
+def _common(parser: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="output root; the dataset goes to OUT/DATASET")
+    parser.add_argument("--dataset", required=dataset_required, help="dataset name (directory and Example field)")
+    parser.add_argument("--id-key-file", type=pathlib.Path, help=f"HMAC key for image ids (else ${privacy.KEY_ENV})")
+    parser.add_argument("--format", choices=("tfrecord", "array_record"), default="tfrecord")
+    parser.add_argument("--shard-size", type=int, default=1024, help="source items per shard")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--skip-bad", action="store_true", help="skip and count bad inputs instead of stopping")
+    parser.add_argument("--splits", type=parse_fractions, default="train=0.8,val=0.1,test=0.1",
+                        help="fractions for the stratified split made when the source gives none")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT/DATASET")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _modality(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--modality", choices=MODALITIES, required=required)
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="stored channels (default by modality)")
+
+
+def _windows(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--windows", type=parse_windows, default=",".join(DEFAULT_WINDOWS),
+                        help="CT windows, one channel each: preset names or LEVEL:WIDTH, comma separated")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines.convert", description=__doc__.split("\n")[0])
+    kinds = parser.add_subparsers(dest="kind", required=True)
+
+    p = kinds.add_parser("folder", help="a class per folder")
+    p.add_argument("root", type=pathlib.Path)
+    _modality(p), _common(p)
+
+    p = kinds.add_parser("csv", help="a CSV manifest")
+    p.add_argument("csv", type=pathlib.Path)
+    p.add_argument("--root", type=pathlib.Path, help="base of relative paths (default: the CSV's folder)")
+    p.add_argument("--path-column", default="path")
+    p.add_argument("--path-format", default="{}", help='e.g. "images/{}.jpg" for bare names')
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--multi-label", action="store_true")
+    p.add_argument("--label-sep", default="|")
+    p.add_argument("--none-value", help='label value meaning "no label", e.g. "No Finding"')
+    p.add_argument("--label-names", help="comma-separated label names, in index order (default: sorted)")
+    p.add_argument("--split-column")
+    p.add_argument("--patient-column")
+    _modality(p), _common(p)
+
+    p = kinds.add_parser("medmnist", help="MedMNIST npz files; one dataset per file, named after it")
+    p.add_argument("npz", type=pathlib.Path, nargs="+")
+    _common(p, dataset_required=False)
+
+    p = kinds.add_parser("dicom", help="a folder of DICOM files")
+    p.add_argument("root", type=pathlib.Path)
+    p.add_argument("--frame-stride", type=int, default=1)
+    _modality(p), _windows(p), _common(p)
+
+    p = kinds.add_parser("nifti", help="NIfTI CT volumes (a file or a folder)")
+    p.add_argument("root", type=pathlib.Path)
+    p.add_argument("--slice-stride", type=int, default=1)
+    _windows(p), _common(p)
+
+    p = kinds.add_parser("demo", help="synthetic images of all seven modalities")
+    p.add_argument("--out", type=pathlib.Path, required=True)
+    p.add_argument("--images-per-modality", type=int, default=256)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=32)
+    p.add_argument("--format", choices=("tfrecord", "array_record"), default="tfrecord")
+    p.add_argument("--workers", type=int, default=1)
+
+    p = kinds.add_parser("new-key", help="create a random id key file")
+    p.add_argument("path", type=pathlib.Path)
+
+    return parser
+
+
+def make_source(args: argparse.Namespace) -> Source:
+    if args.kind == "folder":
+        return ImageFolderSource(args.root, modality=args.modality, channels=args.channels)
+    if args.kind == "csv":
+        return CsvSource(
+            args.csv, modality=args.modality, root=args.root, path_column=args.path_column,
+            path_format=args.path_format, label_column=args.label_column, multi_label=args.multi_label,
+            label_sep=args.label_sep, none_value=args.none_value,
+            label_names=args.label_names.split(",") if args.label_names else None,
+            split_column=args.split_column, patient_column=args.patient_column, channels=args.channels,
+        )
+    if args.kind == "dicom":
+        return DicomSource(args.root, modality=args.modality, windows=args.windows, channels=args.channels,
+                           frame_stride=args.frame_stride)
+    if args.kind == "nifti":
+        return NiftiSource(args.root, windows=args.windows, slice_stride=args.slice_stride)
+    raise ValueError(f"no single source for kind {args.kind!r}")
+
+
+def _options(args: argparse.Namespace, dataset: str) -> ConvertOptions:
+    return ConvertOptions(
+        dataset=dataset, out_dir=args.out, fmt=args.format, shard_size=args.shard_size, workers=args.workers,
+        skip_bad=args.skip_bad, fractions=args.splits, seed=args.seed, progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.kind == "new-key":
+        print(f"wrote a new id key to {privacy.new_key_file(args.path)}")
+        return 0
+    if args.kind == "demo":
+        for m in write_demo_data(args.out, args.images_per_modality, args.size, args.seed,
+                                 shard_size=args.shard_size, fmt=args.format, workers=args.workers):
+            print(f"{m.dataset}: " + ", ".join(f"{s} {m.splits[s].num_records}" for s in m.splits))
+        return 0
+    try:
+        privacy.check_key_outside(args.id_key_file, args.out)
+        key = privacy.load_key(args.id_key_file)
+        if args.kind == "medmnist":
+            if args.dataset and len(args.npz) > 1:
+                parser.error("--dataset names one dataset; give one npz file or leave --dataset out")
+            jobs = [(MedMnistSource(p), args.dataset or p.name.removesuffix(".npz")) for p in args.npz]
+        else:
+            jobs = [(make_source(args), args.dataset)]
+        for source, dataset in jobs:
+            print(convert(source, key, _options(args, dataset)).summary())
+    except (ConversionError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
