@@ -143,8 +143,8 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
         fill = memory_lib.fill_fractions(state.memory)
         metrics = {
             **metrics,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(new_params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(new_params),
             "gating_active": memory_lib.is_full(state.memory).astype(jnp.float32),
             "finite": finite.astype(jnp.float32),
             "student_temp": jnp.float32(student_temp),

@@ -1,0 +1,96 @@
+"""The jitted train step: teacher without gradient, enqueue of the second global crop, metrics,
+and on-device skipping of non-finite updates."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mermed_jax import sharding, train_state, train_step
+from mermed_jax.config_lib import load_config_file
+from mermed_jax.ssl.schedules import build_schedules
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = load_config_file(ROOT / "configs" / "demo_cpu.py", "model.depth=1,crops.n_local=2")
+    mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+    make_state = lambda: train_state.init_train_state(config, jax.random.key(0))  # noqa: E731
+    _, shardings = sharding.create_sharded(make_state, mesh)
+    step = train_step.jit_train_step(train_step.make_train_step(config, MEAN, STD), mesh, shardings)
+    return config, mesh, make_state, step
+
+
+def _batch(seed, config):
+    rng = np.random.default_rng(seed)
+    b, c = config.global_batch, config.crops
+    return {
+        "global": rng.integers(0, 256, (b, c.n_global, c.global_size, c.global_size, 3), dtype=np.uint8),
+        "local": rng.integers(0, 256, (b, c.n_local, c.local_size, c.local_size, 3), dtype=np.uint8),
+        "modality": rng.integers(0, 7, b).astype(np.int32),
+    }
+
+
+def test_teacher_receives_no_gradient(setup):
+    config, mesh, make_state, _ = setup
+    state, _ = sharding.create_sharded(make_state, mesh)
+    loss_fn = train_step.make_loss_fn(config, MEAN, STD)
+    hp = build_schedules(config).at(5)
+    batch = jax.tree.map(jnp.asarray, _batch(0, config))
+    g_student, g_teacher = jax.grad(lambda p, t: loss_fn(p, t, state, batch, jax.random.key(0), hp)[0], argnums=(0, 1))(
+        state.params, state.teacher_params
+    )
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g_teacher))
+    assert float(optax.tree.norm(g_student)) > 0
+
+
+def test_step_updates_state_and_enqueues_second_global_crop(setup):
+    config, mesh, make_state, step = setup
+    state, _ = sharding.create_sharded(make_state, mesh)
+    before = jax.tree.map(np.asarray, state)
+    batch = _batch(1, config)
+    hp = build_schedules(config).at(3)
+    new_state, metrics = step(state, batch, jax.random.key(7), hp)
+    assert int(new_state.step) == 1 and int(new_state.skipped_steps) == 0
+    for key in ("loss", "teacher_entropy", "student_entropy", "grad_norm", "param_norm", "learning_rate",
+                "weight_decay", "momentum", "teacher_temp", "student_temp", "student_embedding_std",
+                "teacher_embedding_std", "memory_fill/ct", "memory_fill/empty", "gating_active"):
+        assert np.isfinite(float(metrics[key])), key
+    assert float(metrics["learning_rate"]) == pytest.approx(float(hp["learning_rate"]))
+    # the teacher's second-global-crop embeddings, one block of B/S rows per logical shard
+    teacher_net = train_state.build_networks(config)[1]
+    crops = train_step.normalize_crops(jnp.asarray(batch["global"]), jnp.asarray(batch["modality"]), MEAN, STD)
+    emb, _ = teacher_net.apply({"params": before.teacher_params, "batch_stats": before.teacher_batch_stats},
+                               [crops], train=True, mutable=["batch_stats"])
+    shards = config.memory.num_shards
+    per = config.global_batch // shards
+    queue, ids = np.asarray(new_state.memory.queue), np.asarray(new_state.memory.ids)
+    np.testing.assert_allclose(queue[:, :per].reshape(-1, queue.shape[-1]), np.asarray(emb[1]), atol=1e-5)
+    np.testing.assert_array_equal(ids[:, :per].reshape(-1), batch["modality"])
+    np.testing.assert_array_equal(np.asarray(new_state.memory.ptr), per)
+    np.testing.assert_array_equal(queue[:, per:], before.memory.queue[:, per:])
+    # student moved; teacher is the EMA of the new student
+    m = float(hp["momentum"])
+    s_new, t_old = new_state.params["backbone"]["norm"]["bias"], before.teacher_params["backbone"]["norm"]["bias"]
+    np.testing.assert_allclose(np.asarray(new_state.teacher_params["backbone"]["norm"]["bias"]),
+                               m * t_old + (1 - m) * np.asarray(s_new), rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_update_is_skipped_on_device(setup):
+    config, mesh, make_state, step = setup
+    state, _ = sharding.create_sharded(make_state, mesh)
+    before = jax.tree.map(np.asarray, state)
+    hp = build_schedules(config).at(3)
+    hp["teacher_temp"] = np.float32(np.nan)  # poisons loss and gradients
+    new_state, metrics = step(state, _batch(2, config), jax.random.key(7), hp)
+    assert float(metrics["finite"]) == 0.0 and int(new_state.skipped_steps) == 1
+    assert int(new_state.step) == 1
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(new_state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    np.testing.assert_array_equal(before.memory.queue, np.asarray(new_state.memory.queue))
