@@ -17,7 +17,7 @@ the machine), with OpenCV held to one thread. Three columns:
             read + CRC + parse + decode + multi-crop + modality-balanced batching
 
 Usage:
-  .venv/bin/python bench/input_pipeline.py --realdata ../shared/realdata [--images 64] [--seconds 20]
+  .venv/bin/python bench/input_pipeline.py --realdata ../shared/realdata [--images 64] [--seconds 5] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -91,37 +92,40 @@ def load_encoded(realdata: pathlib.Path, which: str, count: int) -> list[bytes]:
     return [p.read_bytes() for p in paths[:count]]
 
 
-def _rate(step, items: list, seconds: float) -> float:
-    """Images per CPU-second of `step(item)`, cycling over items for at least `seconds` of CPU."""
-    step(items[0])  # warm caches and lazy imports
+def _measure(work: Callable[[], int], seconds: float) -> float:
+    """Images per CPU-second of repeated `work()` calls (each returns images done) over `seconds` of CPU."""
     done, start = 0, time.process_time()
     while time.process_time() - start < seconds:
-        for item in items:
-            step(item)
-        done += len(items)
+        done += work()
     return done / (time.process_time() - start)
 
 
-def rate_pil(blobs: list[bytes], cfg: augment.MultiCropConfig, seconds: float) -> float:
+def pil_work(blobs: list[bytes], cfg: augment.MultiCropConfig) -> Callable[[], int]:
+    """One pass of the reference over the images: PIL decode + multi-crop."""
     rng = np.random.default_rng(0)
 
-    def step(blob: bytes) -> None:
-        pil_multicrop(Image.open(io.BytesIO(blob)).convert("RGB"), rng, cfg)
+    def work() -> int:
+        for blob in blobs:
+            pil_multicrop(Image.open(io.BytesIO(blob)).convert("RGB"), rng, cfg)
+        return len(blobs)
 
-    return _rate(step, blobs, seconds)
+    return work
 
 
-def rate_ours(blobs: list[bytes], cfg: augment.MultiCropConfig, seconds: float) -> float:
+def ours_work(blobs: list[bytes], cfg: augment.MultiCropConfig) -> Callable[[], int]:
+    """One pass of ours over the images: OpenCV decode + multi-crop into a batch buffer."""
     from data_pipelines import records
 
     rng = np.random.default_rng(0)
     global_out = np.empty((cfg.num_global, cfg.global_size, cfg.global_size, 3), np.uint8)
     local_out = np.empty((cfg.num_local, cfg.local_size, cfg.local_size, 3), np.uint8)
 
-    def step(blob: bytes) -> None:
-        augment.multicrop(records.decode_image(blob, channels=3), rng, cfg, global_out, local_out)
+    def work() -> int:
+        for blob in blobs:
+            augment.multicrop(records.decode_image(blob, channels=3), rng, cfg, global_out, local_out)
+        return len(blobs)
 
-    return _rate(step, blobs, seconds)
+    return work
 
 
 def write_dataset(blobs: list[bytes], modality: str, directory: pathlib.Path) -> pathlib.Path:
@@ -148,25 +152,22 @@ def write_dataset(blobs: list[bytes], modality: str, directory: pathlib.Path) ->
     return directory
 
 
-def rate_pipeline(directory: pathlib.Path, cfg: augment.MultiCropConfig, seconds: float,
-                  batch: int = 32) -> float:
-    """The Grain training pipeline on one thread in this process (so CPU time is all of it)."""
+def pipeline_work(directory: pathlib.Path, cfg: augment.MultiCropConfig, batch: int = 32) -> Callable[[], int]:
+    """One batch of the Grain training pipeline, on one thread in this process (so CPU time is all of it)."""
     from data_pipelines.pipeline import TrainConfig, train_iterator
 
     config = TrainConfig(dirs=(str(directory),), per_device_batch=batch, crops=cfg, read_threads=0, prefetch=1)
     iterator = train_iterator(config, process_index=0, process_count=1, local_devices=1)
-    next(iterator)
-    done, start = 0, time.process_time()
-    while time.process_time() - start < seconds:
-        done += len(next(iterator)["modality"])
-    return done / (time.process_time() - start)
+    return lambda: len(next(iterator)["modality"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--realdata", default=os.environ.get("MERMED_REALDATA", "../shared/realdata"))
     parser.add_argument("--images", type=int, default=64, help="images per set, cycled")
-    parser.add_argument("--seconds", type=float, default=15.0, help="CPU seconds per measurement")
+    parser.add_argument("--seconds", type=float, default=5.0, help="CPU seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements of each column, interleaved; the median is reported")
     args = parser.parse_args()
 
     import cv2
@@ -174,17 +175,21 @@ def main() -> None:
     cv2.setNumThreads(1)
     cfg = augment.MultiCropConfig()  # 2 x 224 + 10 x 96, the paper's settings
     realdata = pathlib.Path(args.realdata)
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, python {platform.python_version()}, opencv {cv2.__version__}, "
-          f"pillow {Image.__version__}")
+          f"pillow {Image.__version__}; median of {args.rounds} x {args.seconds:g} CPU-s per column")
     print("| images | pil img/CPU-s | ours img/CPU-s | pipeline img/CPU-s | ours / pil | pipeline / pil |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for which, modality, label in (("isic", "derm", "ISIC 384 px JPEG"), ("nih", "cxr", "NIH 64 px PNG")):
             blobs = load_encoded(realdata, which, args.images)
-            pil = rate_pil(blobs, cfg, args.seconds)
-            ours = rate_ours(blobs, cfg, args.seconds)
-            pipe = rate_pipeline(write_dataset(blobs, modality, pathlib.Path(tmp) / which), cfg, args.seconds)
+            works = [pil_work(blobs, cfg), ours_work(blobs, cfg),
+                     pipeline_work(write_dataset(blobs, modality, pathlib.Path(tmp) / which), cfg)]
+            for work in works:
+                work()  # warm-up: caches, lazy imports, the pipeline's first batch
+            # Interleaved rounds, so a change in machine load hits every column alike.
+            rates = np.array([[_measure(work, args.seconds) for work in works] for _ in range(args.rounds)])
+            pil, ours, pipe = np.median(rates, axis=0)
             print(f"| {label} | {pil:.1f} | {ours:.1f} | {pipe:.1f} | {ours / pil:.2f}x | {pipe / pil:.2f}x |",
                   flush=True)
 
