@@ -42,9 +42,14 @@ def parse_windows(spec: str) -> tuple[Window, ...]:
         if width <= 0:
             raise ValueError(f"window {part!r}: width must be positive")
         windows.append(Window(part, level, width))
-    if not windows:
-        raise ValueError("no CT windows given")
-    return tuple(windows)
+    return check_windows(tuple(windows))
+
+
+def check_windows(windows: tuple[Window, ...]) -> tuple[Window, ...]:
+    """Windows become PNG channels, and PNG stores grey or RGB: so one window or three."""
+    if len(windows) not in (1, 3):
+        raise ValueError(f"{len(windows)} CT windows given; give 1 or 3 (stored as grey or RGB PNG channels)")
+    return windows
 
 
 def apply_windows(hu: np.ndarray, windows: tuple[Window, ...]) -> np.ndarray:

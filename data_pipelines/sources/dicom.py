@@ -25,7 +25,7 @@ from pydicom.pixels import apply_color_lut
 
 from data_pipelines.manifest import Window
 from data_pipelines.sources.base import DEFAULT_CHANNELS, Frame, Item, Source, SourceError, to_channels
-from data_pipelines.sources.ct import apply_windows
+from data_pipelines.sources.ct import apply_windows, check_windows
 
 
 def list_files(root: pathlib.Path) -> list[pathlib.Path]:
@@ -61,7 +61,7 @@ class DicomSource(Source):
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: not a directory")
         self.modality = modality
-        self.ct_windows = windows
+        self.ct_windows = check_windows(windows)
         self.frame_stride = frame_stride
         # A CT set stores one channel per window; anything else the user's or the modality's count.
         self.windows = windows if modality == "ct" else None

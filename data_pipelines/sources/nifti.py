@@ -16,7 +16,7 @@ import numpy as np
 
 from data_pipelines.manifest import Window
 from data_pipelines.sources.base import Frame, Item, Source, SourceError
-from data_pipelines.sources.ct import apply_windows
+from data_pipelines.sources.ct import apply_windows, check_windows
 
 
 def radiological_slice(volume_ras: np.ndarray, k: int) -> np.ndarray:
@@ -31,7 +31,7 @@ class NiftiSource(Source):
                  modality: str = "ct"):
         self.root = pathlib.Path(root)
         self.modality = modality
-        self.windows = windows
+        self.windows = check_windows(windows)
         self.channels = len(windows)
         if slice_stride < 1:
             raise ValueError(f"slice_stride must be >= 1, got {slice_stride}")
