@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
         dtype="float32", drop_path_rate=0.0,
     ))
     config.head.update(dict(hidden_dim=256, bottleneck_dim=64))
-    config.crops.update(dict(global_size=32, n_local=4, local_size=16))
+    config.crops.update(dict(global_size=32, num_local=4, local_size=16))
     config.memory.update(dict(size=1024, partition_size=256, num_shards=8))
     config.loss.update(dict(warmup_teacher_temp_epochs=1))
     config.optim.update(dict(base_lr=2e-3, warmup_epochs=1, layer_decay=1.0))

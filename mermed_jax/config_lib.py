@@ -40,9 +40,12 @@ def paper_recipe() -> ml_collections.ConfigDict:
         num_heads=config_dict.placeholder(int), mlp_dim=config_dict.placeholder(int),
     ))
     c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, bottleneck_dim=256, num_layers=3, use_bn=True))
+    # Multi-crop augmentation (data_pipelines.augment.MultiCropConfig's fields).
     c.crops = ml_collections.ConfigDict(dict(
-        n_global=2, global_size=224, global_scale=(0.2, 1.0),
-        n_local=10, local_size=96, local_scale=(0.05, 0.2),
+        num_global=2, global_size=224, global_scale=(0.2, 1.0),
+        num_local=10, local_size=96, local_scale=(0.05, 0.2), ratio=(3 / 4, 4 / 3),
+        rotation=30.0, flip_prob=0.5, jitter_prob=0.8, brightness=0.2, contrast=0.2, saturation=0.1,
+        hue=0.02, blur_sigma=(0.1, 1.0), global_blur_probs=(1.0, 0.1), local_blur_prob=0.5,
     ))
     c.memory = ml_collections.ConfigDict(dict(size=131_072, partition_size=16_384, num_shards=8))
     c.loss = ml_collections.ConfigDict(dict(
@@ -54,7 +57,22 @@ def paper_recipe() -> ml_collections.ConfigDict:
         layer_decay=0.8, clip_grad=1.0, b1=0.9, b2=0.999, eps=1e-8,
     ))
     c.ema = ml_collections.ConfigDict(dict(momentum=0.9995, momentum_end=1.0))
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # data, fsdp, tensor; -1: auto
+    # Input pipeline (data_pipelines.pipeline.TrainConfig's fields, batch and crops from above).
+    c.data = ml_collections.ConfigDict(dict(
+        dirs=(), split="train", mixture=config_dict.placeholder(dict), skip_corrupt=False,
+        worker_count=0, read_threads=2, prefetch=2, cycle_length=16, shuffle_window=1024,
+    ))
+    # The job: how long, how often to log, save and profile, when to give up.
+    c.max_steps = config_dict.placeholder(int)  # stop early (the schedules still span all epochs)
+    c.log_every_steps = 50
+    c.max_skipped_steps = 10  # consecutive non-finite updates before the job stops
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=1000, keep=3, keep_period=config_dict.placeholder(int), async_save=True,
+    ))
+    c.profile = ml_collections.ConfigDict(dict(every_steps=0, num_steps=5))
+    # Peak FLOP/s per device for MFU; None: from the device kind (mermed_jax.metrics).
+    c.peak_tflops_per_device = config_dict.placeholder(float)
     # The official code starts student and teacher from ImageNet DINO ViT-B/16.
     c.init_checkpoint = config_dict.placeholder(str)
     return c

@@ -57,7 +57,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
     teacher embeddings (the memory's next rows).
     """
     student_net, teacher_net = build_networks(config)
-    n_global = config.crops.n_global
+    num_global = config.crops.num_global
     partition_size = config.memory.partition_size
     student_temp = config.loss.student_temp
     koleo_weight = config.loss.koleo_weight
@@ -87,11 +87,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
             student_temp=student_temp, teacher_temp=hparams["teacher_temp"],
             gating=memory_lib.is_full(state.memory),
         )
-        koleo = sum(koleo_loss(student_emb[i]) for i in range(n_global))
+        koleo = sum(koleo_loss(student_emb[i]) for i in range(num_global))
         metrics["memory_loss"] = metrics["loss"]
         metrics["koleo"] = koleo
         metrics["loss"] = metrics["loss"] + koleo_weight * koleo
-        metrics["student_embedding_std"] = _embedding_std(student_emb[:n_global])
+        metrics["student_embedding_std"] = _embedding_std(student_emb[:num_global])
         metrics["teacher_embedding_std"] = _embedding_std(teacher_emb)
         aux = {
             "metrics": metrics,

@@ -19,7 +19,7 @@ MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)
 
 @pytest.fixture(scope="module")
 def setup():
-    config = load_config_file(ROOT / "configs" / "demo_cpu.py", "model.depth=1,crops.n_local=2")
+    config = load_config_file(ROOT / "configs" / "demo_cpu.py", "model.depth=1,crops.num_local=2")
     mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
     make_state = lambda: train_state.init_train_state(config, jax.random.key(0))  # noqa: E731
     _, shardings = sharding.create_sharded(make_state, mesh)
@@ -31,8 +31,8 @@ def _batch(seed, config):
     rng = np.random.default_rng(seed)
     b, c = config.global_batch, config.crops
     return {
-        "global": rng.integers(0, 256, (b, c.n_global, c.global_size, c.global_size, 3), dtype=np.uint8),
-        "local": rng.integers(0, 256, (b, c.n_local, c.local_size, c.local_size, 3), dtype=np.uint8),
+        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
+        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
         "modality": rng.integers(0, 7, b).astype(np.int32),
     }
 

@@ -1,0 +1,100 @@
+"""Checks a config before anything is compiled, with errors that name the key.
+
+A pod job that dies in minute ten on a typo wastes a reservation: everything that can be known
+from the config and the device count is checked here, first thing.
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from mermed_jax import config_lib, sharding
+from mermed_jax.models.vit import REMAT_POLICIES, parse_variant
+from mermed_jax.ssl.memory import check_memory_config
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the key."""
+
+
+_NUMBER = (int, float)
+
+
+def _leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and key not in ("mixture",):
+            out.update(_leaves(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
+    schema = _leaves(config_lib.paper_recipe().to_dict())
+    given = _leaves(config.to_dict())
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown config key (unknown keys: {', '.join(unknown)})")
+    for key, value in given.items():
+        expected = schema[key]
+        if value is None or expected is None:
+            continue
+        if isinstance(expected, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) and isinstance(expected, bool)
+        elif isinstance(expected, _NUMBER):
+            ok = isinstance(value, _NUMBER) and (isinstance(expected, float) or isinstance(value, int))
+        elif isinstance(expected, (tuple, list)):
+            ok = isinstance(value, (tuple, list))
+        else:
+            ok = isinstance(value, type(expected))
+        if not ok:
+            raise ConfigError(f"{key}: expected {type(expected).__name__}, got {type(value).__name__} {value!r}")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError naming the first offending key. With num_devices, checks the mesh too."""
+    _check_keys_and_types(config)
+    try:
+        parse_variant(config.model.variant)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(config.model.pool in ("cls", "patch_mean"), "model.pool", f"{config.model.pool!r} is not 'cls' or 'patch_mean'")
+    _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype", f"{config.model.dtype!r} is not float32 or bfloat16")
+    _require(config.model.remat_policy in REMAT_POLICIES, "model.remat_policy", f"expected one of {list(REMAT_POLICIES)}")
+    _require(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    _require(config.crops.num_global >= 2, "crops.num_global", "MaSSL needs at least 2 global crops")
+    _require(config.global_batch > 0, "global_batch", "must be positive")
+    _require(config.epochs > 0 and config.steps_per_epoch > 0, "epochs", "epochs and steps_per_epoch must be positive")
+    _require(config.optim.warmup_epochs <= config.epochs, "optim.warmup_epochs", "is longer than training")
+    _require(config.loss.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "must be >= 0")
+    for key in ("loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp"):
+        section, name = key.split(".")
+        _require(config[section][name] > 0, key, "temperatures must be positive")
+    for key in ("ema.momentum", "ema.momentum_end"):
+        _require(0.0 <= config.ema[key.split(".")[1]] <= 1.0, key, "momentum must be in [0, 1]")
+    _require(config.head.num_layers >= 1 and config.head.bottleneck_dim > 0, "head", "needs >= 1 layer and a bottleneck")
+    try:
+        check_memory_config(config.memory.size, config.memory.num_shards, config.memory.partition_size, config.global_batch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(config.log_every_steps > 0, "log_every_steps", "must be positive")
+    _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
+    if num_devices is not None:
+        try:
+            shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        batch_ways = math.prod(shape[: len(sharding.BATCH_AXES)])
+        _require(config.global_batch % batch_ways == 0, "global_batch",
+                 f"{config.global_batch} does not divide over the {batch_ways} batch devices of mesh {shape}")
+        _require(config.memory.num_shards % batch_ways == 0, "memory.num_shards",
+                 f"{config.memory.num_shards} is not a multiple of the {batch_ways} batch devices of mesh {shape}")

@@ -1,0 +1,61 @@
+"""Configs: the paper's numbers, argument overrides, and validation errors that name the key."""
+
+import pathlib
+
+import ml_collections
+import pytest
+
+from mermed_jax.config_lib import load_config_file
+from mermed_jax.config_validation import ConfigError, validate_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cfg(name="demo_cpu", arg=None):
+    return load_config_file(ROOT / "configs" / f"{name}.py", arg)
+
+
+def test_paper_config_holds_the_recipe():
+    c = cfg("mermed_vitb16")
+    validate_config(c, num_devices=8)
+    assert c.model.variant == "B/16" and c.model.drop_path_rate == 0.1 and c.model.dtype == "bfloat16"
+    assert (c.crops.num_global, c.crops.global_size, c.crops.num_local, c.crops.local_size) == (2, 224, 10, 96)
+    assert c.global_batch == 1024 and c.epochs == 100 and c.steps_per_epoch == 3223
+    assert (c.memory.size, c.memory.partition_size) == (131_072, 16_384)
+    assert (c.head.hidden_dim, c.head.bottleneck_dim, c.head.num_layers, c.head.use_bn) == (2048, 256, 3, True)
+    assert (c.loss.student_temp, c.loss.warmup_teacher_temp, c.loss.teacher_temp) == (0.1, 0.04, 0.07)
+    assert (c.optim.base_lr, c.optim.min_lr, c.optim.layer_decay, c.optim.clip_grad) == (5e-5, 1e-6, 0.8, 1.0)
+    assert (c.optim.weight_decay, c.optim.weight_decay_end, c.ema.momentum) == (0.04, 0.4, 0.9995)
+    assert c.init_checkpoint
+
+
+def test_arguments_override_fields_and_aliases():
+    c = cfg("mermed_vitb16", "variant=S/16,batch=512,model.scan_layers=True")
+    assert c.model.variant == "S/16" and c.global_batch == 512 and c.model.scan_layers is True
+    assert c.steps_per_epoch == 6446  # re-derived for the new batch
+    with pytest.raises(KeyError, match="unknown key 'model.widht'"):
+        cfg("mermed_vitb16", "model.widht=3")
+
+
+@pytest.mark.parametrize(
+    "mutate,devices,key",
+    [
+        (lambda c: c.model.__setitem__("unknwn", 1), None, "model.unknwn"),
+        (lambda c: c.__setattr__("optim", ml_collections.ConfigDict({**c.optim.to_dict(), "base_lr": "fast"})),
+         None, "optim.base_lr: expected float, got str"),
+        (lambda c: c.memory.__setattr__("size", 1000), None, "memory.size=1000"),
+        (lambda c: c.memory.__setattr__("num_shards", 3), None, "memory.size=1024 is not divisible by memory.num_shards=3"),
+        (lambda c: c.model.__setattr__("variant", "Q/16"), None, "model.variant"),
+        (lambda c: c.model.__setattr__("pool", "max"), None, "model.pool"),
+        (lambda c: c.crops.__setattr__("num_global", 1), None, "crops.num_global"),
+        (lambda c: c.loss.__setattr__("student_temp", 0.0), None, "loss.student_temp"),
+        (lambda c: c.mesh.__setattr__("shape", (3, -1, 1)), 8, "mesh.shape"),
+        (lambda c: c.mesh.__setattr__("shape", (-1, 1, 1)), 6, "global_batch"),
+        (lambda c: c.memory.__setattr__("num_shards", 4), 8, "memory.num_shards"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(mutate, devices, key):
+    c = cfg()
+    mutate(c)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
+        validate_config(c, num_devices=devices)
