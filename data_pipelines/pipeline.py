@@ -16,8 +16,9 @@ Images stay uint8 until the device normalises them (`stats.normalize`). `to_glob
 host batches into global jax.Arrays.
 
 Configuration (`TrainConfig`, or `TrainConfig.from_config(config.data)` for an ml_collections
-ConfigDict with the same field names; `crops` is a nested section of MultiCropConfig fields):
-    dirs              converted dataset directories (each with a manifest.json)
+ConfigDict with the same field names; `crops` is a nested section of MultiCropConfig fields;
+keyword overrides bring in fields kept elsewhere in the config, such as global_batch and crops):
+    dirs              dataset directories: the converter's (manifest.json) or TFDS-prepared ones
     split             split to read, "train" by default
     per_device_batch  images per device batch; or global_batch, divided by jax.device_count()
     crops             MultiCropConfig: sizes, counts, scales, jitter, blur (the paper's defaults)
@@ -79,9 +80,13 @@ class TrainConfig:
             raise ValueError("dirs names no dataset directory")
 
     @classmethod
-    def from_config(cls, section: Any) -> TrainConfig:
-        """From an ml_collections ConfigDict (or a mapping) whose keys are this class's fields."""
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    def from_config(cls, section: Any, **overrides: Any) -> TrainConfig:
+        """From an ml_collections ConfigDict (or a mapping) whose keys are this class's fields.
+
+        `overrides` adds or replaces fields, e.g. the config's top-level batch and crops:
+        TrainConfig.from_config(config.data, global_batch=config.global_batch, crops=config.crops).
+        """
+        values = {**_plain(section), **{k: _plain(v) for k, v in overrides.items()}}
         return cls(**_fields(cls, values, "data"))
 
     def device_batch(self) -> int:
@@ -90,6 +95,11 @@ class TrainConfig:
         if self.global_batch % jax.device_count():
             raise ValueError(f"global_batch {self.global_batch} is not divisible by {jax.device_count()} devices")
         return self.global_batch // jax.device_count()
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDicts (which carry their own locking and typing) as plain dicts; other values as is."""
+    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def _fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:

@@ -268,6 +268,16 @@ def test_config_from_configdict(three_modalities):
         TrainConfig.from_config({"dirs": ["x"], "per_devce_batch": 3})
 
 
+def test_config_from_the_paper_recipe(three_modalities):
+    from mermed_jax import config_lib
+
+    config = config_lib.paper_recipe()
+    config.data.dirs = tuple(three_modalities)
+    cfg = TrainConfig.from_config(config.data, global_batch=config.global_batch, crops=config.crops)
+    assert cfg.crops == MultiCropConfig()  # the recipe's numbers are the augmentation's defaults
+    assert cfg.global_batch == 1024 and cfg.mixture is None
+
+
 def test_to_global_shards_batch_over_devices(three_modalities):
     devices = np.array(jax.devices()[:4])
     sharding = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
