@@ -9,7 +9,8 @@
 - A CT image without HU (a rendered secondary capture, RGB or 8-bit) is kept as rendered, in the
   dataset's channel count; its channels are then not windows.
 
-Only pixels leave the file. The item key is the SOP Instance UID (hashed into the image id);
+Only pixels leave the file. The item key is the SOP Instance UID (hashed into the image id; the
+file meta copy when the dataset's is blank, the path when both are);
 PatientID groups items into splits in memory; no tag value is written or logged, and errors name
 the item by its hashed id only.
 """
@@ -72,7 +73,9 @@ class DicomSource(Source):
         for path in list_files(self.root):
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"])
-                key, group = str(ds.get("SOPInstanceUID") or path), str(ds.get("PatientID") or "") or None
+                # Anonymised files may blank the SOP Instance UID but keep the file meta copy of it.
+                uid = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+                key, group = str(uid or path), str(ds.get("PatientID") or "") or None
             except Exception:  # noqa: BLE001 - an unreadable file fails again, and is counted, at load
                 key, group = str(path), None
             items.append(Item(key=key, group=group, ref=path))
