@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = kinds.add_parser("folder", help="a class per folder")
     p.add_argument("root", type=pathlib.Path)
-    _modality(p), _common(p)
+    _modality(p)
+    _common(p)
 
     p = kinds.add_parser("csv", help="a CSV manifest")
     p.add_argument("csv", type=pathlib.Path)
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-names", help="comma-separated label names, in index order (default: sorted)")
     p.add_argument("--split-column")
     p.add_argument("--patient-column")
-    _modality(p), _common(p)
+    _modality(p)
+    _common(p)
 
     p = kinds.add_parser("medmnist", help="MedMNIST npz files; one dataset per file, named after it")
     p.add_argument("npz", type=pathlib.Path, nargs="+")
@@ -101,12 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("dicom", help="a folder of DICOM files")
     p.add_argument("root", type=pathlib.Path)
     p.add_argument("--frame-stride", type=int, default=1)
-    _modality(p), _windows(p), _common(p)
+    _modality(p)
+    _windows(p)
+    _common(p)
 
     p = kinds.add_parser("nifti", help="NIfTI CT volumes (a file or a folder)")
     p.add_argument("root", type=pathlib.Path)
     p.add_argument("--slice-stride", type=int, default=1)
-    _windows(p), _common(p)
+    _windows(p)
+    _common(p)
 
     p = kinds.add_parser("demo", help="synthetic images of all seven modalities")
     p.add_argument("--out", type=pathlib.Path, required=True)

@@ -3,7 +3,8 @@
 The plan (which items go to which shard of which split) is a pure function of the source listing,
 the options and the id key, so an interrupted conversion run again with the same arguments finds
 the same plan: shards already completed (recorded in .convert_state.json with their sha256) are
-kept, the rest are written. A shard is written under a .partial name and renamed when complete.
+kept, the rest are written. The skip policy is not part of the plan: a run stopped by a bad input
+can be resumed with skipping on (skips of kept shards stay recorded and reported). A shard is written under a .partial name and renamed when complete.
 
 Nothing written names a source: shards hold pixels, labels and HMAC ids; the state file and the
 summary hold shard statistics and the hashed ids of skipped items. Bad inputs stop the conversion
@@ -129,7 +130,7 @@ def _fingerprint(source: Source, tasks: list[ShardTask], key: bytes, options: Co
     """A digest of everything that decides the shards' contents; holds no source name (ids are HMACs)."""
     plan = {
         "dataset": options.dataset, "format": options.fmt, "modality": source.modality,
-        "channels": source.channels, "labels": list(source.label_names), "skip_bad": options.skip_bad,
+        "channels": source.channels, "labels": list(source.label_names),
         "windows": [dataclasses.astuple(w) for w in source.windows or ()],
         "shards": [[t.name, [image_id(key, item.key) for item in t.items]] for t in tasks],
     }
@@ -337,6 +338,7 @@ def convert(source: Source, key: bytes, options: ConvertOptions,
     directory = options.directory
     done = _load_state(directory, fingerprint, options.overwrite)
     directory.mkdir(parents=True, exist_ok=True)
+    _save_state(directory, fingerprint, done)  # before any shard, so a run that fails at once can resume
     reused = len(done)
     todo = [t for t in tasks if t.name not in done]
     bar = tqdm(total=len(items), unit="item", desc=options.dataset, disable=not options.progress, file=sys.stderr)

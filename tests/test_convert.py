@@ -246,9 +246,10 @@ def test_bad_image_stops_with_its_name_or_is_skipped_and_counted(tmp_path):
     bad.write_bytes(bad.read_bytes()[:40])
     (root / "train/benign/junk.png").write_bytes(b"this is not an image")
     with pytest.raises(ConversionError, match="img1.png|junk.png") as e:
-        convert(ImageFolderSource(root, modality="derm"), KEY, _synthetic_options(tmp_path / "o1"))
+        convert(ImageFolderSource(root, modality="derm"), KEY, _synthetic_options(tmp_path))
     assert "skip" in str(e.value)
-    report = convert(ImageFolderSource(root, modality="derm"), KEY, _synthetic_options(tmp_path / "o2", skip_bad=True))
+    # The same run resumed under the skip policy: the bad inputs are skipped and counted.
+    report = convert(ImageFolderSource(root, modality="derm"), KEY, _synthetic_options(tmp_path, skip_bad=True))
     assert report.skipped == {"undecodable image": 2}
     assert set(report.skipped_ids) == {image_id(KEY, "train/benign/img1.png"), image_id(KEY, "train/benign/junk.png")}
     assert sum(report.written.values()) == 11
