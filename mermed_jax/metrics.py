@@ -1,0 +1,138 @@
+"""Metric writers, FLOP counting and MFU.
+
+Writers: TensorBoard (clu) and a JSON-lines file beside it, on process 0 only; other processes
+log nothing. FLOPs are counted analytically as model FLOPs (matmuls of the forward pass, x3 for
+forward + backward of the student; rematerialisation not counted, as MFU conventionally does)
+and cross-checked against XLA's cost analysis by bench/train_step.py.
+"""
+
+import json
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from mermed_jax.models.vit import ViTConfig
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' datasheets.
+PEAK_FLOPS_BY_DEVICE_KIND: dict[str, float] = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Scalars as one JSON object per line: easy to read back in tests and notebooks."""
+
+    def __init__(self, path: pathlib.Path):
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_summaries(self, step, values, metadata=None):
+        del step, values, metadata
+
+    def write_images(self, step, images):
+        del step, images
+
+    def write_videos(self, step, videos):
+        del step, videos
+
+    def write_audios(self, step, audios, *, sample_rate):
+        del step, audios, sample_rate
+
+    def write_texts(self, step, texts):
+        del step, texts
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        del step, arrays, num_buckets
+
+    def write_hparams(self, hparams):
+        del hparams
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def make_writer(workdir: pathlib.Path) -> metric_writers.MetricWriter:
+    """TensorBoard + JSON lines (metrics.jsonl) on process 0; logging only elsewhere."""
+    if jax.process_index() > 0:
+        return metric_writers.create_default_writer(str(workdir), just_logging=True)
+    return metric_writers.MultiWriter([
+        metric_writers.create_default_writer(str(workdir), asynchronous=True),
+        JsonlWriter(workdir / "metrics.jsonl"),
+    ])
+
+
+def vit_forward_flops(cfg: ViTConfig, crop_size: int) -> float:
+    """Matmul FLOPs of one image through the backbone (2 per multiply-add)."""
+    patches = (crop_size // cfg.patch_size) ** 2
+    tokens = patches + 1 + cfg.num_registers
+    d = cfg.width
+    per_block = 2 * tokens * (3 * d * d + d * d + 2 * d * cfg.mlp_dim) + 2 * 2 * tokens * tokens * d
+    return 2 * patches * cfg.patch_size**2 * 3 * d + cfg.depth * per_block
+
+
+def head_forward_flops(width: int, hidden: int, bottleneck: int, num_layers: int) -> float:
+    return 2 * (width * hidden + max(num_layers - 2, 0) * hidden * hidden + hidden * bottleneck)
+
+
+def step_flops(config: ml_collections.ConfigDict, backbone: ViTConfig) -> dict[str, float]:
+    """Model FLOPs of one train step over the global batch, by part."""
+    c, b = config.crops, config.global_batch
+    head = head_forward_flops(backbone.width, config.head.hidden_dim, config.head.bottleneck_dim, config.head.num_layers)
+    global_fwd = vit_forward_flops(backbone, c.global_size) + head
+    local_fwd = vit_forward_flops(backbone, c.local_size) + head
+    student_fwd = b * (c.num_global * global_fwd + c.num_local * local_fwd)
+    n_student = c.num_global + c.num_local
+    logits = 2 * config.memory.size * config.head.bottleneck_dim * b
+    return {
+        "student_forward_backward": 3 * student_fwd,
+        "teacher_forward": b * c.num_global * global_fwd,
+        "memory_loss": logits * (3 * n_student + c.num_global),
+    }
+
+
+def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
+    """From the config, else from the device kind; None when unknown (MFU is then not logged)."""
+    if config.get("peak_tflops_per_device"):
+        return config.peak_tflops_per_device * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS_BY_DEVICE_KIND.items():
+        if kind.startswith(name):
+            return peak
+    return None
+
+
+def throughput_metrics(flops_per_step: float, seconds_per_step: float, images_per_step: int,
+                       peak_per_device: float | None) -> dict[str, float]:
+    achieved = flops_per_step / seconds_per_step
+    out = {
+        "perf/images_per_sec": images_per_step / seconds_per_step,
+        "perf/tflops_per_sec_per_device": achieved / jax.device_count() / 1e12,
+    }
+    if peak_per_device:
+        out["perf/mfu"] = achieved / (peak_per_device * jax.device_count())
+    return out
+
+
+def host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Device metrics -> Python floats (the one host sync per log step)."""
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}

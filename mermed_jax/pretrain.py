@@ -1,0 +1,184 @@
+r"""MerMED-FM pretraining: config -> mesh -> data -> state -> loop, resumable at any step.
+
+  python -m mermed_jax.pretrain --config=configs/demo_cpu.py --workdir=/tmp/mermed_demo \
+      --config.data.dirs="('demo_data/demo_ct', 'demo_data/demo_cxr')" --config.max_steps=200
+
+The workdir holds config.json (the resolved config), checkpoints/ (Orbax: state, Grain iterator
+per host, meta), metrics.jsonl and TensorBoard events, and profiler traces. Starting a job on a
+workdir with checkpoints resumes from the latest complete one. SIGTERM (or a TPU preemption
+notice) makes every host save at the same step boundary and exit 0.
+"""
+
+import json
+import logging
+import pathlib
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app, flags
+from clu import parameter_overview, periodic_actions
+from ml_collections import config_flags
+
+from data_pipelines import pipeline, stats
+from mermed_jax import checkpointing, distributed, metrics, sharding, train_state, train_step
+from mermed_jax.config_validation import validate_config
+from mermed_jax.ssl.schedules import build_schedules
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), with :args.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved config go.")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many updates were skipped for non-finite loss or gradients."""
+
+
+def _progress_bar(total: int, start: int):
+    if not sys.stderr.isatty() or jax.process_index() > 0:
+        return None
+    import tqdm  # only when a person is watching
+
+    return tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
+    """Runs (or resumes) the job; returns the last logged metrics."""
+    workdir = pathlib.Path(workdir)
+    # ------------------------------------------------------------------ setup
+    validate_config(config, num_devices=jax.device_count())
+    if not config.data.dirs:
+        raise ValueError("data.dirs: no dataset directories given (see data_pipelines/convert.py)")
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    mesh = sharding.make_mesh(config.mesh.shape)
+    total_steps = config.epochs * config.steps_per_epoch
+    stop_at = min(total_steps, config.max_steps or total_steps)
+    schedules = build_schedules(config)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+
+    # ------------------------------------------------------------------ data
+    data_config = pipeline.TrainConfig.from_config(
+        config.data, global_batch=config.global_batch, crops=config.crops, seed=config.seed
+    )
+    data_iterator = pipeline.train_iterator(data_config)
+    pixel_mean, pixel_std = stats.modality_stats(config.data.dirs, config.data.split)
+    host_batch = config.global_batch // jax.process_count()
+
+    # ------------------------------------------------------------------ state
+    make_state = lambda: train_state.init_train_state(config, init_rng)  # noqa: E731
+    abstract_boxed = jax.eval_shape(make_state)
+    state_shardings = sharding.logical_shardings(abstract_boxed, mesh)
+    manager = checkpointing.make_manager(workdir, config.checkpoint)
+    meta = {
+        "seed": config.seed,
+        "rng_key": np.asarray(jax.random.key_data(step_rng)).tolist(),
+        "process_count": jax.process_count(),
+        "host_batch": host_batch,
+    }
+    latest = manager.latest_step()
+    if latest is None:
+        state, _ = sharding.create_sharded(make_state, mesh)
+        start_step = 0
+    else:
+        abstract = checkpointing.abstract_with_shardings(nn.unbox(abstract_boxed), state_shardings)
+        restored = checkpointing.restore(manager, latest, abstract, data_iterator, meta)
+        state, start_step = restored.state, int(restored.state.step)
+        if not restored.data_restored:
+            data_iterator = pipeline.train_iterator(data_config, start_step=start_step)
+        logging.info("resumed from step %d", start_step)
+    if jax.process_index() == 0:
+        parameter_overview.log_parameter_overview(state.params, msg="student parameters")
+
+    # ------------------------------------------------------------------ compile
+    step_fn = train_step.jit_train_step(
+        train_step.make_train_step(config, pixel_mean, pixel_std), mesh, state_shardings
+    )
+    batch_sharding = sharding.batch_sharding(mesh)
+    flops = metrics.step_flops(config, train_state.backbone_config(config, teacher=False))
+    flops_per_step = sum(flops.values())
+    peak = metrics.peak_flops_per_device(config)
+    logging.info("model FLOPs per step: %.3g (%s)", flops_per_step, {k: f"{v:.3g}" for k, v in flops.items()})
+
+    # ------------------------------------------------------------------ loop
+    writer = metrics.make_writer(workdir)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=stop_at, writer=writer, every_steps=config.log_every_steps)]
+    if config.profile.every_steps and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile.num_steps,
+                                              every_steps=config.profile.every_steps, first_profile=config.profile.every_steps))
+    bar = _progress_bar(stop_at, start_step)
+    skipped_at_save = int(state.skipped_steps)
+    last_logged: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+
+    def check_finite(at_step: int) -> None:
+        skipped = int(state.skipped_steps) - skipped_at_save
+        if skipped >= config.max_skipped_steps:
+            raise NonFiniteTrainingError(
+                f"step {at_step}: {skipped} updates were skipped for non-finite loss or gradients since the "
+                f"last checkpoint (max_skipped_steps={config.max_skipped_steps}); stopping. The last good "
+                f"checkpoint is step {manager.latest_step()}, untouched."
+            )
+
+    step = start_step
+    preempted = False
+    while step < stop_at:
+        batch = pipeline.to_global(next(data_iterator), batch_sharding)
+        state, step_metrics = step_fn(state, batch, step_rng, schedules.at(step))
+        step += 1
+        window_steps += 1
+        for hook in hooks:
+            hook(step)
+        if bar is not None:
+            bar.update(1)
+
+        if step % config.log_every_steps == 0 or step == stop_at:
+            check_finite(step)
+            scalars = metrics.host_scalars(step_metrics)
+            elapsed = time.perf_counter() - window_start
+            scalars.update(metrics.throughput_metrics(flops_per_step, elapsed / window_steps, config.global_batch, peak))
+            scalars.update({f"data/{k}": v for k, v in data_iterator.metrics().items()})
+            scalars["skipped_steps"] = float(state.skipped_steps)
+            writer.write_scalars(step, scalars)
+            last_logged = scalars
+            window_start, window_steps = time.perf_counter(), 0
+
+        preempted = manager.reached_preemption(step)
+        if preempted or step % config.checkpoint.every_steps == 0 or step == stop_at:
+            check_finite(step)
+            checkpointing.save(manager, step, state, data_iterator, meta)
+            skipped_at_save = int(state.skipped_steps)
+        if preempted:
+            logging.warning("preemption notice: saved step %d, exiting", step)
+            break
+
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    if bar is not None:
+        bar.close()
+    return {**last_logged, "step": float(step), "preempted": float(preempted)}
+
+
+class _QuietLibraries(logging.Filter):
+    """Drops the INFO chatter of Orbax and TensorStore (dozens of lines per save)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> None:
+    del argv
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
+    distributed.initialize()
+    summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    if jax.process_index() == 0:
+        print(json.dumps({k: summary[k] for k in ("step", "loss", "preempted") if k in summary}))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
