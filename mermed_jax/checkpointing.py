@@ -10,13 +10,18 @@ batch are unchanged; otherwise the caller restarts it deterministically from the
 """
 
 import dataclasses
+import json
 import logging
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+from mermed_jax import sharding, train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,3 +89,31 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings: what Orbax restores onto."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_config(workdir: str | pathlib.Path) -> Any:
+    """The resolved config a pretraining run wrote to its workdir."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a pretraining workdir (no config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, Any, int]:
+    """(state, config, step) of a pretraining checkpoint, restored onto this process's devices
+    (replicated), for evaluation and export. step=None takes the latest complete checkpoint."""
+    config = load_config(workdir)
+    manager = ocp.CheckpointManager(
+        pathlib.Path(workdir).absolute() / "checkpoints",
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint at step {step} (have {manager.all_steps()})")
+    abstract = nn.unbox(jax.eval_shape(lambda: train_state.init_train_state(config, jax.random.key(0))))
+    repl = sharding.replicated(sharding.make_mesh((-1, 1, 1), jax.local_devices()[:1]))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    manager.close()
+    return state, config, step
