@@ -5,11 +5,13 @@ memory of 1,024 (full, so modality gating switches on, after 32 steps) in blocks
 A higher learning rate and a faster EMA suit a run of minutes.
 
 Command:
-  python -m mermed_jax.pretrain --config=configs/demo_cpu.py --workdir=/tmp/mermed_demo
+  python -m data_pipelines.convert demo --out demo_data
+  python -m mermed_jax.pretrain --config=configs/demo_cpu.py --workdir=workdirs/demo
 Expected: a few minutes on a 2-core CPU; the probe AUROC beats the random network's.
 """
 
 from mermed_jax import config_lib
+from mermed_jax.modalities import MODALITIES
 
 
 def get_config(arg: str | None = None):
@@ -27,4 +29,8 @@ def get_config(arg: str | None = None):
     config.loss.update(dict(warmup_teacher_temp_epochs=1))
     config.optim.update(dict(base_lr=2e-3, warmup_epochs=1, layer_decay=1.0))
     config.ema.update(dict(momentum=0.99))
+    # `make demo` writes these with `python -m data_pipelines.convert demo --out demo_data`.
+    config.data.dirs = tuple(f"demo_data/demo_{m}" for m in MODALITIES)
+    config.log_every_steps = 25
+    config.checkpoint.every_steps = 100
     return config_lib.finalize(config_lib.apply_arguments(config, arg))
