@@ -5,7 +5,8 @@ modality fills each slot and which position of that modality's infinite stream i
 `record_source` maps the position to (file, byte offset), and `augment` renders the crops with a
 generator keyed by (seed, host, step, slot). A `grain.MapDataset.range` over steps therefore
 makes the iterator state a step counter: saving and restoring it reproduces the uninterrupted
-batches, and worker processes (which each take every W-th step) do not change batch content.
+batches, and neither worker processes (which each take every W-th step) nor threads change
+batch content.
 
 A batch, per host, with B = local devices x per-device batch, device d owning rows
 [d * b, (d + 1) * b) grouped by modality:
@@ -204,15 +205,10 @@ def _weights(cfg: TrainConfig, present: Sequence[int]) -> tuple[list[int], np.nd
     return active, np.asarray([weights[m] for m in active])
 
 
-def train_dataset(cfg: TrainConfig, *, process_index: int | None = None, process_count: int | None = None,
-                  local_devices: int | None = None) -> grain.IterDataset:
-    """The infinite Grain dataset of host batches (with a "skipped" count; see TrainIterator)."""
-    return _build(cfg, process_index, process_count, local_devices)[0]
-
-
-def _build(cfg: TrainConfig, process_index: int | None, process_count: int | None,
-           local_devices: int | None) -> tuple[grain.IterDataset, int]:
-    """The dataset and the number of this host's records lost to damaged shards."""
+def _batch_maker(cfg: TrainConfig, process_index: int | None, process_count: int | None,
+                 local_devices: int | None) -> tuple[_BatchMaker, int]:
+    """Indexes this host's records; returns the step -> batch function and the records lost to
+    damaged shards (skip_corrupt only)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     local_devices = jax.local_device_count() if local_devices is None else local_devices
@@ -226,7 +222,11 @@ def _build(cfg: TrainConfig, process_index: int | None, process_count: int | Non
     if empty:
         raise ValueError(f"host {process_index} of {process_count} has no records of {empty}")
     maker = _BatchMaker(cfg, host, weights, process_index, process_count, local_devices)
-    ds = grain.MapDataset.range(0, sys.maxsize).map(maker).to_iter_dataset(
+    return maker, sum(h.missing for h in host.values())
+
+
+def _dataset(cfg: TrainConfig, maker: _BatchMaker, start_step: int) -> grain.IterDataset:
+    ds = grain.MapDataset.range(start_step, sys.maxsize).map(maker).to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
     if cfg.worker_count > 0:
         if not flags.FLAGS.is_parsed():
@@ -235,23 +235,51 @@ def _build(cfg: TrainConfig, process_index: int | None, process_count: int | Non
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.prefetch),
                             worker_init_fn=_worker_init)
-    return ds, sum(h.missing for h in host.values())
+    return ds
+
+
+def train_dataset(cfg: TrainConfig, *, start_step: int = 0, process_index: int | None = None,
+                  process_count: int | None = None, local_devices: int | None = None) -> grain.IterDataset:
+    """The infinite Grain dataset of host batches from `start_step` on.
+
+    Its batches carry one more key than TrainIterator's, "skipped" (int32: bad records replaced
+    in this batch).
+    """
+    return _dataset(cfg, _batch_maker(cfg, process_index, process_count, local_devices)[0], start_step)
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Host batches; counts skipped records; its state is JSON, for grain.checkpoint / Orbax.
+    """Host batches, resumable; a grain DatasetIterator, so grain.checkpoint / Orbax can save it.
 
-    metrics(): skipped_records (bad records met while reading, replaced by the next of their
-    stream) and unreadable_records (records of damaged shards lost at indexing time).
+    The state is {"step": next step, "skipped_records": count}. A batch is a function of its
+    step alone, so the step is all a restore needs, and a job may restore it with a different
+    worker_count, read_threads or prefetch. metrics(): skipped_records (bad records met while
+    reading, each replaced by the next record of its stream) and unreadable_records (records of
+    damaged shards lost at indexing time).
     """
 
-    def __init__(self, parent: grain.DatasetIterator, unreadable: int = 0):
-        super().__init__(parent)
+    def __init__(self, cfg: TrainConfig, maker: _BatchMaker, start_step: int = 0, unreadable: int = 0):
+        super().__init__()
+        self._cfg, self._maker = cfg, maker
+        self._step = start_step
         self._skipped = 0
         self._unreadable = unreadable
+        self._inner: grain.DatasetIterator | None = None
+
+    def _iterator(self) -> grain.DatasetIterator:
+        if self._inner is None:
+            self._inner = iter(_dataset(self._cfg, self._maker, self._step))
+        return self._inner
+
+    def _release(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+            self._inner = None
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._parent)
+        self._assert_not_closed()
+        batch = next(self._iterator())
+        self._step += 1
         self._skipped += int(batch.pop("skipped"))
         return batch
 
@@ -259,18 +287,27 @@ class TrainIterator(grain.DatasetIterator):
         return {"skipped_records": self._skipped, "unreadable_records": self._unreadable}
 
     def get_state(self) -> dict[str, Any]:
-        return {"grain": self._parent.get_state(), "skipped_records": self._skipped}
+        return {"step": self._step, "skipped_records": self._skipped}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["grain"])
+        self._release()
+        self._step = int(state["step"])
         self._skipped = int(state["skipped_records"])
 
+    def start_prefetch(self) -> None:
+        self._iterator().start_prefetch()
 
-def train_iterator(cfg: TrainConfig, *, process_index: int | None = None, process_count: int | None = None,
-                   local_devices: int | None = None) -> TrainIterator:
-    """Iterator over host batches; host arguments default to jax's (tests pass them explicitly)."""
-    dataset, unreadable = _build(cfg, process_index, process_count, local_devices)
-    return TrainIterator(iter(dataset), unreadable)
+    def close(self) -> None:
+        self._release()
+        super().close()
+
+
+def train_iterator(cfg: TrainConfig, *, start_step: int = 0, process_index: int | None = None,
+                   process_count: int | None = None, local_devices: int | None = None) -> TrainIterator:
+    """Iterator over host batches from `start_step` on (e.g. a checkpoint's step when the
+    checkpoint holds no iterator state); host arguments default to jax's."""
+    maker, unreadable = _batch_maker(cfg, process_index, process_count, local_devices)
+    return TrainIterator(cfg, maker, start_step, unreadable)
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:

@@ -103,14 +103,14 @@ def test_resume_continues_exactly(three_modalities):
 
 
 def test_resume_with_worker_processes(three_modalities):
-    cfg = _cfg(three_modalities, worker_count=2)
+    # Worker processes change neither the batches nor the state: save with 2, restore with 1.
     host = dict(process_index=0, process_count=1, local_devices=1)
     reference = _take(train_iterator(_cfg(three_modalities), **host), 5)
-    first = train_iterator(cfg, **host)
+    first = train_iterator(_cfg(three_modalities, worker_count=2), **host)
     _assert_batches_equal(_take(first, 2), reference[:2])
     state = first.get_state()
     first.close()
-    restored = train_iterator(cfg, **host)
+    restored = train_iterator(_cfg(three_modalities, worker_count=1), **host)
     restored.set_state(state)
     _assert_batches_equal(_take(restored, 3), reference[2:])
     restored.close()
@@ -461,3 +461,11 @@ def test_reads_tfds_prepared_directory(tmp_path):
     assert list(shards) == [modality_id("path")] and [f.num_records for f in shards[modality_id("path")]] == [3, 2]
     batch = next(train_iterator(_cfg([str(directory)]), process_index=0, process_count=1, local_devices=1))
     assert (batch["modality"] == modality_id("path")).all()
+
+
+def test_start_step_equals_skipping_ahead(three_modalities):
+    cfg = _cfg(three_modalities)
+    host = dict(process_index=0, process_count=1, local_devices=2)
+    reference = _take(train_iterator(cfg, **host), 6)
+    _assert_batches_equal(_take(train_iterator(cfg, start_step=4, **host), 2), reference[4:])
+    assert train_iterator(cfg, start_step=4, **host).get_state()["step"] == 4
