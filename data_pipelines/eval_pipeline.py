@@ -12,7 +12,7 @@ padding rows are zeros with valid=False. A batch:
     valid     bool [B]
 
 Configuration (`EvalConfig`, or `EvalConfig.from_config(section)` with the same field names):
-dirs, split ("test"), batch_size (per host), image_size (224), crop_fraction (0.875), labels,
+dirs (dataset directories with a manifest.json, which gives label names and modality), split ("test"), batch_size (per host), image_size (224), crop_fraction (0.875), labels,
 skip_corrupt (False: a bad record raises CorruptRecordError naming file and offset; True: its
 row comes back with valid=False and a logged warning, and records lost to a truncated shard are
 logged and left out), read_threads.

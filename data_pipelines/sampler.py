@@ -68,7 +68,10 @@ class BalancedAllocator:
         self.local_devices = local_devices
         self.num_modalities = len(weights)
         share = per_device_batch * weights / weights.sum()
+        # The epsilon keeps float error (2.9999999999999996) from losing a whole image.
         self.base = np.floor(share + 1e-9).astype(np.int64)
+        if self.base.sum() > per_device_batch:
+            self.base = np.floor(share).astype(np.int64)
         self.remainder = per_device_batch - int(self.base.sum())
         frac = np.clip(share - self.base, 0.0, None)
         if self.remainder:
