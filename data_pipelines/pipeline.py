@@ -13,8 +13,8 @@ A batch, per host, with B = local devices x per-device batch, device d owning ro
     global    uint8 [B, num_global, G, G, 3]
     local     uint8 [B, num_local, L, L, 3]
     modality  int32 [B]   (ids of mermed_jax.modalities)
-Images stay uint8 until the device normalises them (`stats.normalize`). `to_global` turns the
-host batches into global jax.Arrays.
+Images stay uint8 until the train step normalises them on device with `stats.modality_stats`.
+`to_global` turns the host batches into global jax.Arrays.
 
 Configuration (`TrainConfig`, or `TrainConfig.from_config(config.data)` for an ml_collections
 ConfigDict with the same field names; `crops` is a nested section of MultiCropConfig fields;

@@ -1,9 +1,10 @@
-"""Per-modality normalisation constants, and the on-device normalisation that uses them.
+"""Per-modality normalisation constants for the train step's on-device normalisation.
 
-Batches travel as uint8 (4x less host-to-device traffic than float32); the train step turns
-them into (x / 255 - mean[modality]) / std[modality]. The MerMED-FM paper does not list per-
-modality statistics, so the defaults are ImageNet's for every modality (what the official
-torchvision code normalises with); `modality_stats(dirs)` replaces them with the statistics the
+Batches travel as uint8 (4x less host-to-device traffic than float32); the train step
+(mermed_jax.train_step.normalize_crops) turns them into (x / 255 - mean[modality]) /
+std[modality] with the arrays returned here. No per-modality statistics from the MerMED-FM
+paper were at hand, so the defaults are ImageNet's for every modality (the usual torchvision
+Normalize of DINO-lineage code); `modality_stats(dirs)` replaces them with the statistics the
 converter measured, pooled per modality over the datasets given.
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ import dataclasses
 import os
 from typing import Mapping, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import records
@@ -61,11 +61,3 @@ def modality_stats(
         mean[modality_id(name)] = _rgb(m_mean, f"override {name}")
         std[modality_id(name)] = _rgb(m_std, f"override {name}")
     return mean, std
-
-
-def normalize(images: jnp.ndarray, modality: jnp.ndarray, mean: np.ndarray, std: np.ndarray) -> jnp.ndarray:
-    """uint8 [B, ..., 3] images -> float32 (x / 255 - mean[modality]) / std[modality], on device."""
-    shape = (images.shape[0],) + (1,) * (images.ndim - 2) + (3,)
-    m = jnp.asarray(mean)[modality].reshape(shape)
-    s = jnp.asarray(std)[modality].reshape(shape)
-    return (images.astype(jnp.float32) / 255.0 - m) / s

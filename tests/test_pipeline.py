@@ -13,6 +13,8 @@ import cv2
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import eval_pipeline, manifest, record_source, records, sampler, stats
@@ -298,16 +300,6 @@ def test_modality_stats_defaults_and_manifest(three_modalities):
     np.testing.assert_allclose(mean[modality_id("oct")], stats.IMAGENET_MEAN)
 
 
-def test_normalize_uses_each_images_modality():
-    mean, std = stats.modality_stats()
-    mean[1], std[1] = 0.0, 1.0
-    images = np.full((2, 1, 2, 2, 3), 255, np.uint8)
-    out = np.asarray(stats.normalize(images, np.array([1, 0], np.int32), mean, std))
-    np.testing.assert_allclose(out[0], 1.0)
-    np.testing.assert_allclose(out[1, 0, 0, 0], (1.0 - np.array(stats.IMAGENET_MEAN)) / stats.IMAGENET_STD,
-                               rtol=1e-6)
-
-
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("eval")
@@ -469,3 +461,44 @@ def test_start_step_equals_skipping_ahead(three_modalities):
     reference = _take(train_iterator(cfg, **host), 6)
     _assert_batches_equal(_take(train_iterator(cfg, start_step=4, **host), 2), reference[4:])
     assert train_iterator(cfg, start_step=4, **host).get_state()["step"] == 4
+
+
+def test_threads_do_not_change_batches(three_modalities):
+    host = dict(process_index=0, process_count=1, local_devices=2)
+    reference = _take(train_iterator(_cfg(three_modalities), **host), 4)
+    threaded = train_iterator(_cfg(three_modalities, read_threads=3, prefetch=3), **host)
+    _assert_batches_equal(_take(threaded, 4), reference)
+    threaded.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 12), devices=st.integers(1, 4), hosts=st.integers(1, 3), modalities=st.integers(1, 7),
+       data=st.data())
+def test_allocator_properties(b, devices, hosts, modalities, data):
+    host = data.draw(st.integers(0, hosts - 1))
+    allocs = [sampler.BalancedAllocator(b, devices, p, hosts, np.ones(modalities)) for p in range(hosts)]
+    running = np.zeros(modalities, np.int64)
+    for step in range(10):
+        counts = allocs[host].device_counts(step)
+        assert (counts.sum(axis=1) == b).all()
+        assert (counts.max(axis=1) - counts.min(axis=1) <= 1).all()  # equal shares, remainder spread
+        np.testing.assert_array_equal(allocs[host].stream_start(step), running)
+        running += counts.sum(axis=0)
+        per_host = counts.sum(axis=0)
+        assert per_host.max() - per_host.min() <= 1  # balance per host, also when b < modalities
+        pod = sum(a.device_counts(step).sum(axis=0) for a in allocs)
+        assert pod.max() - pod.min() <= 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=5), hosts=st.integers(1, 4))
+def test_host_split_is_a_partition(tmp_path_factory, sizes, hosts):
+    root = tmp_path_factory.mktemp("split")
+    write_dataset(root, "d", "ct", sizes)
+    shards = record_source.list_shards([root / "d"], "train")[modality_id("ct")]
+    parts = [_record_set(record_source.host_records(shards, p, hosts)) for p in range(hosts)]
+    assert sum(len(p) for p in parts) == sum(sizes)
+    assert len(set().union(*parts)) == sum(sizes)
+    if len(sizes) % hosts == 0:  # file-level: every file belongs to exactly one host
+        files = [{path for path, _ in p} for p in parts]
+        assert sum(len(f) for f in files) == len(sizes)
