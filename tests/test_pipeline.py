@@ -502,3 +502,18 @@ def test_host_split_is_a_partition(tmp_path_factory, sizes, hosts):
     if len(sizes) % hosts == 0:  # file-level: every file belongs to exactly one host
         files = [{path for path, _ in p} for p in parts]
         assert sum(len(f) for f in files) == len(sizes)
+
+
+@pytest.mark.realdata
+def test_pipeline_on_real_isic_and_nih_shards(realdata, tmp_path):
+    from bench.input_pipeline import load_encoded
+    from bench.input_pipeline import write_dataset as write_real
+
+    dirs = [str(write_real(load_encoded(realdata, "isic", 8), "derm", tmp_path / "isic")),
+            str(write_real(load_encoded(realdata, "nih", 8), "cxr", tmp_path / "nih"))]
+    cfg = _cfg(dirs, per_device_batch=3, crops=MultiCropConfig(global_size=64, local_size=32, num_local=2))
+    it = train_iterator(cfg, process_index=0, process_count=1, local_devices=2)
+    for batch in _take(it, 2):
+        assert batch["global"].shape == (6, 2, 64, 64, 3)
+        assert sorted(collections.Counter(batch["modality"].tolist()).values()) == [3, 3]
+        assert batch["global"].std() > 10  # real content, not blank crops
