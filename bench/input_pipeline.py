@@ -163,7 +163,8 @@ def pipeline_work(directory: pathlib.Path, cfg: augment.MultiCropConfig, batch: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--realdata", default=os.environ.get("MERMED_REALDATA", "../shared/realdata"))
+    parser.add_argument("--realdata", default=os.environ.get("MERMED_REALDATA", "../shared/realdata"),
+                        help="folder holding derm_isic_uda1/ and cxr_nih1000/ (default $MERMED_REALDATA)")
     parser.add_argument("--images", type=int, default=64, help="images per set, cycled")
     parser.add_argument("--seconds", type=float, default=5.0, help="CPU seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3,
