@@ -64,7 +64,6 @@ class BalancedAllocator:
             raise ValueError(f"mixture weights must be non-negative with a positive sum, got {weights}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self.per_device_batch = per_device_batch
         self.local_devices = local_devices
         self.num_modalities = len(weights)
         share = per_device_batch * weights / weights.sum()
@@ -84,11 +83,9 @@ class BalancedAllocator:
         self._devices_per_step = process_count * local_devices
         slots_per_step = self._devices_per_step * self.remainder
         self.period = PATTERN_LENGTH // math.gcd(PATTERN_LENGTH, slots_per_step) if self.remainder else 1
-        per_step = np.stack([self._counts_direct(t) for t in range(self.period)])  # [period, D, M]
-        self._host_counts = per_step.sum(axis=1)  # [period, M]
+        self._per_step = np.stack([self._counts_direct(t) for t in range(self.period)])  # [period, D, M]
         self._cum = np.concatenate([np.zeros((1, self.num_modalities), np.int64),
-                                    np.cumsum(self._host_counts, axis=0)])
-        self._per_step = per_step
+                                    np.cumsum(self._per_step.sum(axis=1), axis=0)])  # [period + 1, M]
 
     def _counts_direct(self, step: int) -> np.ndarray:
         counts = np.tile(self.base, (self.local_devices, 1))
