@@ -268,6 +268,10 @@ def test_config_from_configdict(three_modalities):
     assert cfg.crops.global_scale == (0.3, 1.0) and cfg.dirs == tuple(three_modalities)
     with pytest.raises(ValueError, match="per_devce_batch"):
         TrainConfig.from_config({"dirs": ["x"], "per_devce_batch": 3})
+    evaluation = eval_pipeline.EvalConfig.from_config(ml_collections.ConfigDict({"dirs": ["x"], "batch_size": 4}))
+    assert evaluation.dirs == ("x",) and evaluation.batch_size == 4
+    with pytest.raises(ValueError, match="labels"):
+        eval_pipeline.EvalConfig(dirs=("x",), labels="onehot")
 
 
 def test_config_from_the_paper_recipe(three_modalities):
