@@ -14,7 +14,8 @@ buffer. (A single bicubic warpAffine to the output would resample once, but Open
 is scalar code and was 10-25x slower than this pair.) Downscaling reads from a 2x pyramid level
 (area averaging), so no bicubic pass shrinks by 2x or more: that keeps most of the antialiasing
 PIL's bicubic resize has. The colour ops are saturating uint8 blends (`cv2.addWeighted`) and a
-uint8 HSV round trip, PIL's own semantics. `bench/input_pipeline.py` holds the PIL reference
+uint8 HSV round trip, PIL's own semantics; being pointwise, they run before the resize when that
+enlarges (small images), on fewer pixels. `bench/input_pipeline.py` holds the PIL reference
 this is measured against; tests/test_augment.py checks both agree for the same parameters.
 """
 from __future__ import annotations
@@ -198,6 +199,12 @@ def _adjust(image: np.ndarray, name: str, factor: float) -> np.ndarray:
     raise ValueError(f"unknown colour-jitter op {name!r}")
 
 
+def _jitter(image: np.ndarray, ops: tuple[tuple[str, float], ...]) -> np.ndarray:
+    for name, factor in ops:
+        image = _adjust(image, name, factor)
+    return image
+
+
 def apply_crop(pyramid: _Pyramid, params: CropParams, size: int, out: np.ndarray) -> None:
     """Renders one crop of `pyramid`'s image into `out` (uint8 [size, size, 3]).
 
@@ -220,11 +227,15 @@ def apply_crop(pyramid: _Pyramid, params: CropParams, size: int, out: np.ndarray
     m[:, 2] -= 0.5
     patch = cv2.warpAffine(src, m, (grid_w, grid_h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    # Colour jitter is pointwise (contrast adds one global mean), so it commutes with resizing up
+    # to rounding: run it on whichever of the grid and the output has fewer pixels.
+    early = params.jitter is not None and grid_h * grid_w < size * size
+    if early:
+        patch = _jitter(patch, params.jitter)
     cv2.resize(patch, (size, size), dst=out, interpolation=cv2.INTER_CUBIC)
     image = out
-    if params.jitter is not None:
-        for name, factor in params.jitter:
-            image = _adjust(image, name, factor)
+    if params.jitter is not None and not early:
+        image = _jitter(image, params.jitter)
     if params.blur_sigma is not None:
         image = cv2.GaussianBlur(image, (0, 0), params.blur_sigma, borderType=cv2.BORDER_REFLECT_101)
     if image is not out:

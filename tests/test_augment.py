@@ -130,6 +130,15 @@ def test_colour_jitter_matches_pil(op, factor):
     assert err.mean() < 1.0 and np.percentile(err, 99) <= 4 and err.max() <= 10
 
 
+@pytest.mark.parametrize("op,factor", [("brightness", 1.2), ("contrast", 0.8), ("saturation", 1.1), ("hue", -0.02)])
+def test_colour_jitter_before_upsampling_matches_pil(op, factor):
+    # A 24 x 32 box enlarged to 64: the jitter runs on the small grid, the reference after resizing.
+    params = CropParams(angle=0.0, box=(20, 30, 24, 32), flip=False, jitter=((op, factor),), blur_sigma=None)
+    image = smooth_image()
+    err = _inner_error(ours(image, params, 64), reference(image, params, 64), border=2)
+    assert err.mean() < 1.0 and err.max() <= 6
+
+
 @pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0])
 def test_blur_matches_pil(sigma):
     image = smooth_image(64, 64)
