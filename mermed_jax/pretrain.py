@@ -109,18 +109,20 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile.num_steps,
                                               every_steps=config.profile.every_steps, first_profile=config.profile.every_steps))
     bar = _progress_bar(stop_at, start_step)
-    skipped_at_save = int(state.skipped_steps)
     last_logged: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
 
-    def check_finite(at_step: int) -> None:
-        skipped = int(state.skipped_steps) - skipped_at_save
-        if skipped >= config.max_skipped_steps:
+    def nonfinite_streak(at_step: int) -> int:
+        """Consecutive skipped updates (one host sync); raises once there are too many."""
+        streak = int(state.nonfinite_streak)
+        if streak >= config.max_skipped_steps:
+            manager.wait_until_finished()
             raise NonFiniteTrainingError(
-                f"step {at_step}: {skipped} updates were skipped for non-finite loss or gradients since the "
-                f"last checkpoint (max_skipped_steps={config.max_skipped_steps}); stopping. The last good "
-                f"checkpoint is step {manager.latest_step()}, untouched."
+                f"step {at_step}: the last {streak} updates were skipped for non-finite loss or gradients "
+                f"(max_skipped_steps={config.max_skipped_steps}); stopping. The last good checkpoint is "
+                f"step {manager.latest_step()}, untouched."
             )
+        return streak
 
     step = start_step
     preempted = False
@@ -135,7 +137,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
             bar.update(1)
 
         if step % config.log_every_steps == 0 or step == stop_at:
-            check_finite(step)
+            nonfinite_streak(step)
             scalars = metrics.host_scalars(step_metrics)
             elapsed = time.perf_counter() - window_start
             scalars.update(metrics.throughput_metrics(flops_per_step, elapsed / window_steps, config.global_batch, peak))
@@ -147,9 +149,10 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
 
         preempted = manager.reached_preemption(step)
         if preempted or step % config.checkpoint.every_steps == 0 or step == stop_at:
-            check_finite(step)
-            checkpointing.save(manager, step, state, data_iterator, meta)
-            skipped_at_save = int(state.skipped_steps)
+            if nonfinite_streak(step) and not preempted:
+                logging.warning("step %d: not saving in the middle of skipped non-finite updates", step)
+            else:
+                checkpointing.save(manager, step, state, data_iterator, meta)
         if preempted:
             logging.warning("preemption notice: saved step %d, exiting", step)
             break

@@ -1,8 +1,8 @@
 """The train state pytree and the networks and optimiser built from a config.
 
 Everything that must survive a restart lives in TrainState: student and teacher parameters, the
-head's BatchNorm statistics, the optimiser state, the memory, the step and the count of skipped
-non-finite steps. Parameters come out of `init_train_state` boxed with logical axis names, so
+head's BatchNorm statistics, the optimiser state, the memory, the step and the counts of skipped
+non-finite steps (in all, and in the current streak). Parameters come out of `init_train_state` boxed with logical axis names, so
 that sharding.create_sharded can create them directly on their shards.
 """
 
@@ -32,6 +32,7 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: optax.OptState
     memory: MemoryState
     skipped_steps: jnp.ndarray  # int32 scalar: updates dropped for non-finite loss or gradients
+    nonfinite_streak: jnp.ndarray  # int32 scalar: consecutive dropped updates up to this step
 
 
 def backbone_config(config: ml_collections.ConfigDict, *, teacher: bool) -> ViTConfig:
@@ -93,4 +94,5 @@ def init_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Train
         opt_state=make_student_optimizer(config).init(params),
         memory=memory,
         skipped_steps=jnp.zeros((), jnp.int32),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
     )

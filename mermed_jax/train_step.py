@@ -138,6 +138,7 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
             opt_state=keep_if_finite(new_opt_state, state.opt_state),
             memory=keep_if_finite(new_memory, state.memory),
             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         )
 
         fill = memory_lib.fill_fractions(state.memory)

@@ -1,0 +1,187 @@
+"""The pretraining job end to end: exact resume after kill -9, SIGTERM, a kill during an async save,
+restoring onto another device count, and non-finite updates. Runs the real CLI in subprocesses."""
+
+import ast
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipelines.sources.synthetic import write_demo_data
+from mermed_jax import checkpointing, pretrain, sharding, train_state
+from mermed_jax.config_lib import load_config_file
+from mermed_jax.modalities import MODALITIES
+from mermed_jax.ssl import schedules as schedules_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+N = 4  # steps before the interruption; runs go to 2N
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_data")
+    write_demo_data(out, images_per_modality=24, size=40, seed=0, shard_size=8)
+    return tuple(str(out / f"demo_{m}") for m in MODALITIES)
+
+
+def _overrides(data_dirs, **extra) -> dict:
+    values = {
+        "data.dirs": repr(tuple(data_dirs)), "max_steps": 2 * N, "log_every_steps": 1,
+        "checkpoint.every_steps": N, "crops.num_local": 2, "model.depth": 1,
+    }
+    values.update(extra)
+    return values
+
+
+def _command(workdir, overrides) -> list[str]:
+    return [sys.executable, "-m", "mermed_jax.pretrain", "--config=configs/demo_cpu.py", f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def _env(devices: int = 2) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT),
+               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir))
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def _run(workdir, overrides, devices=2) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(workdir, overrides), cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _start(workdir, overrides, devices=2) -> subprocess.Popen:
+    return subprocess.Popen(_command(workdir, overrides), cwd=ROOT, env=_env(devices), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, timeout=240.0, poll=0.01):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for the job")
+        time.sleep(poll)
+
+
+def _complete_steps(workdir) -> list[int]:
+    root = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in root.glob("[0-9]*") if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Last logged loss per step (a resumed run logs again from its checkpoint)."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def _assert_states_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dirs):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _run(straight, _overrides(data_dirs))
+    proc = _start(killed, _overrides(data_dirs, **{"data.worker_count": 1}))
+    _wait_for(lambda: N in _complete_steps(killed), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: Grain's worker process too
+    assert proc.wait() == -signal.SIGKILL
+    assert 2 * N not in _complete_steps(killed)
+    _run(killed, _overrides(data_dirs, **{"data.worker_count": 1}))
+
+    state_a, _, step_a = checkpointing.load_train_state(straight)
+    state_b, _, step_b = checkpointing.load_train_state(killed)
+    assert step_a == step_b == 2 * N
+    _assert_states_equal(state_a, state_b)
+    losses_a, losses_b = _losses(straight), _losses(killed)
+    assert sorted(losses_a) == list(range(1, 2 * N + 1))
+    assert losses_a == losses_b
+
+
+def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dirs):
+    overrides = _overrides(data_dirs, max_steps=1000, **{"checkpoint.every_steps": 1000})
+    proc = _start(tmp_path, overrides)
+    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(_losses(tmp_path)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    saved = _complete_steps(tmp_path)
+    assert len(saved) == 1 and 3 <= saved[0] < 1000
+    stopped_at = saved[0]
+    _run(tmp_path, _overrides(data_dirs, max_steps=stopped_at + 2, **{"checkpoint.every_steps": 1000}))
+    _, _, step = checkpointing.load_train_state(tmp_path)
+    assert step == stopped_at + 2
+    assert sorted(_losses(tmp_path))[-1] == stopped_at + 2
+
+
+def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path, data_dirs):
+    overrides = _overrides(data_dirs, max_steps=60, **{"checkpoint.every_steps": 1, "checkpoint.keep": 100})
+    proc = _start(tmp_path, overrides)
+    in_flight = lambda: any((tmp_path / "checkpoints").glob("*.orbax-checkpoint-tmp*")) and len(_complete_steps(tmp_path)) >= 2  # noqa: E731
+    _wait_for(in_flight, proc, poll=0.001)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    complete = _complete_steps(tmp_path)
+    state, _, step = checkpointing.load_train_state(tmp_path)
+    assert step == complete[-1] and int(state.step) == step
+    _run(tmp_path, _overrides(data_dirs, max_steps=step + 1, **{"checkpoint.every_steps": 1, "checkpoint.keep": 100}))
+    assert checkpointing.load_train_state(tmp_path)[2] == step + 1
+
+
+def test_checkpoint_from_8_devices_restores_onto_4(tmp_path, data_dirs):
+    _run(tmp_path, _overrides(data_dirs, max_steps=N, **{"mesh.shape": "(2,4,1)"}), devices=8)
+    saved, config, step = checkpointing.load_train_state(tmp_path)
+    mesh = sharding.make_mesh((2, 2, 1), jax.devices()[:4])
+    boxed = jax.eval_shape(lambda: train_state.init_train_state(config, jax.random.key(0)))
+    shardings = sharding.logical_shardings(boxed, mesh)
+    target = checkpointing.abstract_with_shardings(checkpointing.nn.unbox(boxed), shardings)
+    manager = checkpointing.make_manager(tmp_path, config.checkpoint)
+    restored = manager.restore(step, args=checkpointing.ocp.args.Composite(
+        state=checkpointing.ocp.args.StandardRestore(target)))["state"]
+    assert restored.memory.queue.sharding.mesh.devices.size == 4
+    assert len(restored.memory.queue.addressable_shards) == 4
+    _assert_states_equal(saved, restored)
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_job(tmp_path, data_dirs, monkeypatch):
+    config = load_config_file(ROOT / "configs" / "demo_cpu.py")
+    for key, value in _overrides(data_dirs, max_steps=12, max_skipped_steps=3).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = ast.literal_eval(value) if isinstance(value, str) else value
+    real = schedules_lib.build_schedules
+
+    def poisoned(cfg):
+        s = real(cfg)
+        temp = s.teacher_temp.copy()
+        temp[2] = np.nan  # one transient bad step (the 3rd)
+        temp[6:] = np.nan  # then persistently from the 7th step
+        return schedules_lib.Schedules(s.learning_rate, s.weight_decay, s.momentum, temp)
+
+    monkeypatch.setattr(pretrain, "build_schedules", poisoned)
+    with pytest.raises(pretrain.NonFiniteTrainingError, match=r"last 3 updates.*max_skipped_steps=3.*checkpoint is step 4"):
+        pretrain.train(config, tmp_path)
+    losses = _losses(tmp_path)
+    assert np.isnan(losses[3]) and np.isfinite(losses[4])
+    assert _complete_steps(tmp_path) == [4]
+    state, _, _ = checkpointing.load_train_state(tmp_path)
+    assert int(state.skipped_steps) == 1 and int(state.nonfinite_streak) == 0 and int(state.step) == 4
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
