@@ -23,6 +23,7 @@ import pathlib
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import cv2
 import numpy as np
@@ -356,10 +357,18 @@ def convert(source: Source, key: bytes, options: ConvertOptions,
             for task in todo:
                 finish(write_shard(source, key, options, task))
         else:
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(min(options.workers, len(todo)), _init_worker, (source, key, options)) as pool:
-                for result in pool.imap_unordered(_run_task, todo):
-                    finish(result)
+            # Spawned (not forked) workers: safe beside threads (tqdm, JAX) in the parent. An executor,
+            # not a Pool: a worker that dies raises BrokenProcessPool instead of hanging the run.
+            with ProcessPoolExecutor(min(options.workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(source, key, options)) as pool:
+                futures = [pool.submit(_run_task, task) for task in todo]
+                try:
+                    for future in as_completed(futures):
+                        finish(future.result())
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
     finally:
         bar.close()
     manifest = _build_manifest(source, options, tasks, done)
