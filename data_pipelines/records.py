@@ -31,6 +31,7 @@ from typing import Any
 import cv2
 import google_crc32c
 import numpy as np
+from google.protobuf import message
 from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipelines.manifest import load_manifest  # noqa: F401  (re-exported for readers)
@@ -245,8 +246,14 @@ def encode_example(
 
 
 def decode_example(serialized: bytes) -> dict[str, Any]:
-    """The fields of a serialized Example of the shard schema; raises KeyError naming a missing key."""
-    feature = tf_example_pb2.Example.FromString(serialized).features.feature
+    """The fields of a serialized Example of the shard schema.
+
+    Raises ValueError when the bytes are not an Example and KeyError naming a missing feature.
+    """
+    try:
+        feature = tf_example_pb2.Example.FromString(serialized).features.feature
+    except message.DecodeError as e:
+        raise ValueError(f"record payload is not a tf.train.Example ({e})") from None
     for key in FEATURE_SPEC:
         if key not in feature:
             raise KeyError(f"Example lacks feature {key!r}")

@@ -149,11 +149,13 @@ def test_example_rejects_unknown_modality_and_format():
         records.encode_example(image_format="gif", modality="ct", **kw)
 
 
-def test_decode_example_names_missing_key():
+def test_decode_example_names_missing_key_and_rejects_non_examples():
     from tensorflow_datasets.proto import tf_example_pb2
 
     with pytest.raises(KeyError, match="image"):
         records.decode_example(tf_example_pb2.Example().SerializeToString())
+    with pytest.raises(ValueError, match="not a tf.train.Example"):
+        records.decode_example(b"\xff\xff\xff garbage")
 
 
 def test_decode_image_png_rgb_grey_and_16bit():

@@ -30,9 +30,9 @@ from data_pipelines.sources.ct import apply_windows, check_windows
 
 
 def list_files(root: pathlib.Path) -> list[pathlib.Path]:
-    """Every regular file under root except obvious non-DICOM sidecars (DICOM often has no suffix)."""
+    """Every regular file under root except obvious sidecars and DICOMDIR indexes (DICOM often has no suffix)."""
     skip = {".txt", ".json", ".csv", ".md", ".nii", ".gz", ".png", ".jpg", ".jpeg"}
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in skip)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in skip and p.name != "DICOMDIR")
 
 
 def _grey(ds: pydicom.Dataset, frame: np.ndarray) -> np.ndarray:
