@@ -279,3 +279,59 @@ def test_cli_demo(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path), "--images-per-modality", "8", "--size", "16"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"demo_{m}" for m in MODALITIES)
     assert "demo_ct: " in capsys.readouterr().out
+
+
+def test_a_run_that_dies_mid_shard_resumes(tmp_path):
+    source = SyntheticSource("path", count=12, size=16, seed=0)
+    reference = convert(source, KEY, _synthetic_options(tmp_path / "ref"))
+    real_load = SyntheticSource.load
+    calls = 0
+
+    def dying_load(self, item):
+        nonlocal calls
+        calls += 1
+        if calls == 8:  # inside the second shard: its .partial file is left behind
+            raise KeyboardInterrupt
+        return real_load(self, item)
+
+    SyntheticSource.load = dying_load
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert(source, KEY, _synthetic_options(tmp_path / "run"))
+    finally:
+        SyntheticSource.load = real_load
+    assert any(p.name.endswith(".partial") for p in (tmp_path / "run/syn").iterdir())
+    resumed = convert(source, KEY, _synthetic_options(tmp_path / "run"))
+    assert resumed.reused_shards == 1 and resumed.manifest == dataclasses.replace(
+        reference.manifest, directory=resumed.manifest.directory)
+
+
+def test_cli_wires_every_source_kind(tmp_path):
+    import nibabel as nib
+
+    (tmp_path / "l.csv").write_text("path,label,split,pid\na.png,x,valid,1\n")
+    np.savez(tmp_path / "octmnist_64.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.zeros((2, 1)))
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "v.nii.gz")
+    (tmp_path / "f/c").mkdir(parents=True)
+    parser = cli.build_parser()
+    common = ["--out", str(tmp_path / "out"), "--dataset", "d"]
+    folder = cli.make_source(parser.parse_args(["folder", str(tmp_path / "f"), "--modality", "cxr", *common]))
+    assert isinstance(folder, ImageFolderSource) and folder.label_names == ("c",) and folder.channels == 1
+    csv_source = cli.make_source(parser.parse_args(
+        ["csv", str(tmp_path / "l.csv"), "--modality", "path", "--split-column", "split", "--patient-column", "pid",
+         "--label-names", "x,y", *common]))
+    assert csv_source.label_names == ("x", "y") and csv_source.items()[0].split == "val"
+    assert csv_source.items()[0].group == "1" and csv_source.channels == 3
+    dicom = cli.make_source(parser.parse_args(["dicom", str(tmp_path), "--modality", "ct", "--windows", "brain",
+                                               "--frame-stride", "2", *common]))
+    assert dicom.channels == 1 and dicom.windows[0].name == "brain" and dicom.frame_stride == 2
+    nifti = cli.make_source(parser.parse_args(["nifti", str(tmp_path / "v.nii.gz"), "--slice-stride", "4", *common]))
+    assert nifti.channels == 3 and len(nifti.items()) == 1
+    argv = ["medmnist", str(tmp_path / "octmnist_64.npz"), "--out", str(tmp_path / "out"),
+            "--splits", "train=0.5,test=0.5", "--no-progress", "--workers", "1"]
+    assert parser.parse_args(argv).splits == {"train": 0.5, "test": 0.5}
+    key_file = tmp_path / "id.key"
+    key_file.write_text(KEY.hex())
+    assert cli.main([*argv, "--id-key-file", str(key_file)]) == 0
+    m = records.load_manifest(tmp_path / "out" / "octmnist_64")
+    assert m.modality == "oct" and set(m.splits) == {"train", "test"}
