@@ -63,6 +63,8 @@ class DicomSource(Source):
             raise FileNotFoundError(f"{self.root}: not a directory")
         self.modality = modality
         self.ct_windows = check_windows(windows)
+        if frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
         self.frame_stride = frame_stride
         # A CT set stores one channel per window; anything else the user's or the modality's count.
         self.windows = windows if modality == "ct" else None
