@@ -73,7 +73,8 @@ def _windows(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_pipelines.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = parser.add_subparsers(dest="kind", required=True)
 
     p = kinds.add_parser("folder", help="a class per folder")
