@@ -9,6 +9,7 @@ the same mesh axis; `memory_shard` is the logical-shard axis of the memory queue
 """
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -86,13 +87,22 @@ def create_sharded(init_fn: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
     """
     abstract = jax.eval_shape(init_fn)
     shardings = logical_shardings(abstract, mesh)
-    with axis_rules_context(mesh):
-        tree = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
+    tree = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
     return tree, shardings
 
 
 @contextlib.contextmanager
 def axis_rules_context(mesh: Mesh) -> Iterator[None]:
-    """The context under which modules' logical constraints resolve to this mesh."""
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
-        yield
+    """The context under which modules' logical constraints resolve to this mesh.
+
+    This is the legacy `with mesh:` context: under jax.set_mesh, flax 0.12's boxed DenseGeneral
+    kernels get a constraint of the wrong rank at apply time.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`with mesh:` context manager has been deprecated", DeprecationWarning)
+        mesh.__enter__()
+    try:
+        with nn.logical_axis_rules(LOGICAL_RULES):
+            yield
+    finally:
+        mesh.__exit__(None, None, None)

@@ -158,24 +158,38 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
     return step
 
 
-def jit_train_step(step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
-    """jit with explicit shardings: state as created, batch over data x fsdp, the rest replicated.
+class MeshBoundStep:
+    """A jitted step that runs (and lowers) under its mesh and logical-axis rules.
 
-    The state is donated: its buffers are reused for the new state. Tracing happens under the
-    mesh's logical-axis rules, so the modules' activation constraints resolve to this mesh.
+    The context wraps each call from outside jit (where jax.set_mesh also works); the modules'
+    activation constraints then resolve to this mesh.
     """
 
-    def step_under_rules(state, batch, rng, hparams):
-        with sharding_lib.axis_rules_context(mesh):
-            return step(state, batch, rng, hparams)
+    def __init__(self, jitted: Callable, mesh: Mesh):
+        self._jitted, self._mesh = jitted, mesh
 
+    def __call__(self, *args):
+        with sharding_lib.axis_rules_context(self._mesh):
+            return self._jitted(*args)
+
+    def lower(self, *args):
+        with sharding_lib.axis_rules_context(self._mesh):
+            return self._jitted.lower(*args)
+
+
+def jit_train_step(step: Callable, mesh: Mesh, state_shardings: Any) -> MeshBoundStep:
+    """jit with explicit shardings: state as created, batch over data x fsdp, the rest replicated.
+
+    The state is donated: its buffers are reused for the new state.
+    """
     repl = sharding_lib.replicated(mesh)
-    return jax.jit(
-        step_under_rules,
+    jitted = jax.jit(
+        step,
         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), repl, repl),
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
     )
+    return MeshBoundStep(jitted, mesh)
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
