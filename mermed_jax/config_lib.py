@@ -64,6 +64,7 @@ def paper_recipe() -> ml_collections.ConfigDict:
         worker_count=0, read_threads=2, prefetch=2, cycle_length=16, shuffle_window=1024,
     ))
     # The job: how long, how often to log, save and profile, when to give up.
+    c.grad_accum_steps = 1  # micro-batches per optimiser step (see train_step.make_train_step)
     c.max_steps = config_dict.placeholder(int)  # stop early (the schedules still span all epochs)
     c.log_every_steps = 50
     c.max_skipped_steps = 10  # consecutive non-finite updates before the job stops

@@ -86,6 +86,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         check_memory_config(config.memory.size, config.memory.num_shards, config.memory.partition_size, config.global_batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _require(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
     _require(config.log_every_steps > 0, "log_every_steps", "must be positive")
     _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
     if num_devices is not None:
@@ -96,5 +97,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         batch_ways = math.prod(shape[: len(sharding.BATCH_AXES)])
         _require(config.global_batch % batch_ways == 0, "global_batch",
                  f"{config.global_batch} does not divide over the {batch_ways} batch devices of mesh {shape}")
+        _require(config.global_batch % (batch_ways * config.grad_accum_steps) == 0, "grad_accum_steps",
+                 f"{config.grad_accum_steps} micro-batches do not divide the per-device batch of "
+                 f"{config.global_batch // batch_ways}")
         _require(config.memory.num_shards % batch_ways == 0, "memory.num_shards",
                  f"{config.memory.num_shards} is not a multiple of the {batch_ways} batch devices of mesh {shape}")

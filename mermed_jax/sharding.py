@@ -60,7 +60,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return Mesh(np.asarray(devices).reshape(resolved), MESH_AXES)
 
 
-def batch_size_per_shard(mesh: Mesh) -> int:
+def num_batch_shards(mesh: Mesh) -> int:
     """How many ways the batch is split."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 

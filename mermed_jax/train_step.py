@@ -50,7 +50,7 @@ def _all_finite(tree: Any) -> jnp.ndarray:
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray) -> Callable:
-    """loss(params, teacher_params, state, batch, rng, hparams) -> (loss, aux).
+    """loss(params, teacher_params, state, batch, dropout_rng, partition, hparams) -> (loss, aux).
 
     Both networks run inside, so that a test can differentiate with respect to the teacher and
     see exact zeros. aux holds the metrics, both networks' new BatchNorm statistics and the
@@ -58,14 +58,13 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
     """
     student_net, teacher_net = build_networks(config)
     num_global = config.crops.num_global
-    partition_size = config.memory.partition_size
     student_temp = config.loss.student_temp
     koleo_weight = config.loss.koleo_weight
     pixel_mean = jnp.asarray(pixel_mean, jnp.float32)
     pixel_std = jnp.asarray(pixel_std, jnp.float32)
 
-    def loss_fn(params, teacher_params, state: TrainState, batch: Batch, rng: jax.Array, hparams):
-        dropout_rng, partition_rng = jax.random.split(rng)
+    def loss_fn(params, teacher_params, state: TrainState, batch: Batch, dropout_rng: jax.Array,
+                partition: jnp.ndarray, hparams):
         modality = batch["modality"].astype(jnp.int32)
         global_crops = normalize_crops(batch["global"], modality, pixel_mean, pixel_std)
         crops = [global_crops]
@@ -81,7 +80,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
             {"params": params, "batch_stats": state.batch_stats}, crops, train=True,
             rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
         )
-        partition = memory_lib.stratified_partition(partition_rng, state.memory, partition_size)
         metrics = memory_cross_entropy(
             student_emb, teacher_emb, state.memory, modality, partition,
             student_temp=student_temp, teacher_temp=hparams["teacher_temp"],
@@ -104,18 +102,66 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
     return loss_fn
 
 
-def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray) -> Callable:
-    """The pure step for this config. pixel_mean/std: float32 [NUM_MODALITIES, 3]."""
+def to_micro_batches(batch: Batch, num_micro: int, batch_shards: int) -> Batch:
+    """[B, ...] -> [num_micro, B / num_micro, ...], each micro-batch taking an equal slice of every
+    batch shard's rows, so that splitting moves no data between devices."""
+
+    def split(x):
+        per_shard = x.shape[0] // batch_shards
+        x = x.reshape((batch_shards, num_micro, per_shard // num_micro) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape((num_micro, -1) + x.shape[3:])
+
+    return jax.tree.map(split, batch)
+
+
+def from_micro_batches(x: jnp.ndarray, batch_shards: int) -> jnp.ndarray:
+    """Inverse of to_micro_batches for one array: [num_micro, B / num_micro, ...] -> [B, ...]."""
+    num_micro, micro = x.shape[:2]
+    x = x.reshape((num_micro, batch_shards, micro // batch_shards) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((num_micro * micro,) + x.shape[3:])
+
+
+def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray,
+                    batch_shards: int = 1) -> Callable:
+    """The pure step for this config. pixel_mean/std: float32 [NUM_MODALITIES, 3].
+
+    Gradient accumulation (config.grad_accum_steps = A) splits the batch into A micro-batches
+    (batch_shards: how many ways the batch is split over devices, so micro-batches stay local).
+    Every micro-batch sees the memory as it was before the step and the step's one random
+    partition; gradients and metrics are averaged; BatchNorm statistics are per micro-batch and
+    running statistics update in sequence; then one optimiser update, one EMA move and one enqueue
+    of all B teacher embeddings in batch order. With the head's BatchNorm off (and no stochastic
+    depth or KoLeo, which also see only their micro-batch) this equals one step on the whole batch.
+    """
     loss_fn = make_loss_fn(config, pixel_mean, pixel_std)
     optimizer = make_student_optimizer(config)
     student_temp = config.loss.student_temp
+    num_micro = config.grad_accum_steps
+    partition_size = config.memory.partition_size
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch, rng: jax.Array, hparams: dict[str, jnp.ndarray]):
-        step_rng = jax.random.fold_in(rng, state.step)
-        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.teacher_params, state, batch, step_rng, hparams
+        dropout_rng, partition_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+        partition = memory_lib.stratified_partition(partition_rng, state.memory, partition_size)
+        micro_batches = to_micro_batches(batch, num_micro, batch_shards)
+
+        def accumulate(carry, inputs):
+            grad_sum, batch_stats, teacher_batch_stats = carry
+            micro_batch, index = inputs
+            micro_state = state.replace(batch_stats=batch_stats, teacher_batch_stats=teacher_batch_stats)
+            (_, aux), grads = grad_fn(state.params, state.teacher_params, micro_state, micro_batch,
+                                      jax.random.fold_in(dropout_rng, index), partition, hparams)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            carry = (grad_sum, aux["batch_stats"], aux["teacher_batch_stats"])
+            return carry, (aux["metrics"], aux["teacher_embeddings"][1])
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grad_sum, new_batch_stats, new_teacher_batch_stats), (micro_metrics, teacher_rows) = jax.lax.scan(
+            accumulate, (zeros, state.batch_stats, state.teacher_batch_stats),
+            (micro_batches, jnp.arange(num_micro)),
         )
-        metrics = aux["metrics"]
+        grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), micro_metrics)
         updates, new_opt_state = optimizer.update(
             grads, state.opt_state, state.params,
             learning_rate=hparams["learning_rate"], weight_decay=hparams["weight_decay"],
@@ -128,13 +174,13 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
 
         new_params = keep_if_finite(new_params, state.params)
         new_teacher = ema_update(state.teacher_params, new_params, hparams["momentum"])
-        new_memory = memory_lib.enqueue(state.memory, aux["teacher_embeddings"][1], batch["modality"])
+        new_memory = memory_lib.enqueue(state.memory, from_micro_batches(teacher_rows, batch_shards), batch["modality"])
         new_state = state.replace(
             step=state.step + 1,
             params=new_params,
             teacher_params=keep_if_finite(new_teacher, state.teacher_params),
-            batch_stats=keep_if_finite(aux["batch_stats"], state.batch_stats),
-            teacher_batch_stats=keep_if_finite(aux["teacher_batch_stats"], state.teacher_batch_stats),
+            batch_stats=keep_if_finite(new_batch_stats, state.batch_stats),
+            teacher_batch_stats=keep_if_finite(new_teacher_batch_stats, state.teacher_batch_stats),
             opt_state=keep_if_finite(new_opt_state, state.opt_state),
             memory=keep_if_finite(new_memory, state.memory),
             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),

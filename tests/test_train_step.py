@@ -11,6 +11,7 @@ import pytest
 
 from mermed_jax import sharding, train_state, train_step
 from mermed_jax.config_lib import load_config_file
+from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.schedules import build_schedules
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,9 +44,10 @@ def test_teacher_receives_no_gradient(setup):
     loss_fn = train_step.make_loss_fn(config, MEAN, STD)
     hp = build_schedules(config).at(5)
     batch = jax.tree.map(jnp.asarray, _batch(0, config))
-    g_student, g_teacher = jax.grad(lambda p, t: loss_fn(p, t, state, batch, jax.random.key(0), hp)[0], argnums=(0, 1))(
-        state.params, state.teacher_params
-    )
+    partition = memory_lib.stratified_partition(jax.random.key(1), state.memory, config.memory.partition_size)
+    g_student, g_teacher = jax.grad(
+        lambda p, t: loss_fn(p, t, state, batch, jax.random.key(0), partition, hp)[0], argnums=(0, 1)
+    )(state.params, state.teacher_params)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g_teacher))
     assert float(optax.tree.norm(g_student)) > 0
 
@@ -94,3 +96,31 @@ def test_non_finite_update_is_skipped_on_device(setup):
     for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(new_state.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
     np.testing.assert_array_equal(before.memory.queue, np.asarray(new_state.memory.queue))
+
+
+def test_micro_batch_split_keeps_rows_on_their_shard_and_inverts():
+    x = jnp.arange(24).reshape(24, 1)
+    micro = train_step.to_micro_batches({"x": x}, num_micro=3, batch_shards=4)["x"]
+    assert micro.shape == (3, 8, 1)
+    # micro-batch 0 takes the first 2 of each shard's 6 rows
+    np.testing.assert_array_equal(micro[0, :, 0], [0, 1, 6, 7, 12, 13, 18, 19])
+    np.testing.assert_array_equal(train_step.from_micro_batches(micro, 4), x)
+
+
+def test_gradient_accumulation_equals_one_large_step_without_batchnorm():
+    base = "model.depth=1,crops.num_local=2,head.use_bn=False"
+    results = []
+    for accum in (1, 4):
+        config = load_config_file(ROOT / "configs" / "demo_cpu.py", f"{base},grad_accum_steps={accum}")
+        mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:2])
+        state, shardings = sharding.create_sharded(lambda c=config: train_state.init_train_state(c, jax.random.key(0)), mesh)
+        step = train_step.jit_train_step(train_step.make_train_step(config, MEAN, STD, batch_shards=2), mesh, shardings)
+        sched = build_schedules(config)
+        for i in range(2):
+            state, metrics = step(state, _batch(10 + i, config), jax.random.key(3), sched.at(i + 3))
+        results.append((jax.tree.map(np.asarray, state), float(metrics["loss"])))
+    (one, loss_one), (four, loss_four) = results
+    assert loss_one == pytest.approx(loss_four, rel=1e-5)
+    np.testing.assert_array_equal(one.memory.ids, four.memory.ids)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a) + 1e-6

@@ -1,0 +1,132 @@
+"""Reading and writing weight files without ever unpickling an arbitrary object.
+
+safetensors and msgpack hold only arrays by construction. A .pth is a pickle, so it is read only
+through torch.load(weights_only=True), torch's restricted unpickler, and only when torch is
+installed: without torch we refuse rather than fall back to `pickle`. Writes go to a temporary
+file that is renamed into place, so an interrupted export never leaves a half-written file under
+the final name.
+"""
+
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flax import serialization
+
+from mermed_jax.interop.trees import Tree
+
+SAFETENSORS = ".safetensors"
+MSGPACK = ".msgpack"
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be read or does not fit the model; the message names the file."""
+
+
+def _torch():
+    try:
+        import torch  # noqa: PLC0415 - optional dependency, only for .pth files
+    except ImportError:
+        return None
+    return torch
+
+
+def torch_available() -> bool:
+    return _torch() is not None
+
+
+def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import numpy as st_numpy  # noqa: PLC0415 - keeps import of this module light
+
+    try:
+        return dict(st_numpy.load_file(str(path)))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def _torch_to_numpy(torch, obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
+    """Flattens nested dicts of tensors to dotted names; non-tensor leaves (epochs, args) are dropped."""
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            _torch_to_numpy(torch, value, f"{prefix}{key}.", out)
+    elif isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype != torch.float64:
+            tensor = tensor.float()  # bf16/fp16 have no (or a lossy) NumPy counterpart; params are fp32
+        out[prefix[:-1]] = tensor.numpy()
+
+
+def read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+    torch = _torch()
+    if torch is None:
+        raise CheckpointError(
+            f"{path}: a PyTorch pickle can only be read with torch.load(weights_only=True), and torch "
+            "is not installed. Install torch, or convert the file to .safetensors; it is never "
+            "unpickled any other way."
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for corrupt zips
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) refused the file ({type(e).__name__}: {e})") from e
+    out: dict[str, np.ndarray] = {}
+    _torch_to_numpy(torch, obj, "", out)
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch-style flat {dotted name: array} from .safetensors or a torch pickle."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == SAFETENSORS:
+        return read_safetensors(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return read_torch(path)
+    raise CheckpointError(f"{path}: unknown weight format {path.suffix!r}; expected {SAFETENSORS} or one of {TORCH_SUFFIXES}")
+
+
+def read_msgpack(path: str | os.PathLike) -> Tree:
+    """A nested dict of arrays written by flax.serialization (msgpack_restore builds no objects)."""
+    path = pathlib.Path(path)
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:  # msgpack raises ExtraData, ValueError, ... on corrupt bytes
+        raise CheckpointError(f"{path}: not a readable msgpack file ({type(e).__name__}: {e})") from e
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path}: expected a msgpack dict of parameters, found {type(tree).__name__}")
+    return tree
+
+
+def _atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    from safetensors import numpy as st_numpy  # noqa: PLC0415
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    _atomic_write(path, lambda f: st_numpy.save_file(arrays, f, metadata=dict(metadata)))
+
+
+def write_torch(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
+    torch = _torch()
+    if torch is None:
+        raise CheckpointError(f"{path}: writing a .pth needs torch, which is not installed; export to safetensors instead")
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_msgpack(path: pathlib.Path, tree: Tree) -> None:
+    data = serialization.msgpack_serialize(tree)
+    _atomic_write(path, lambda f: pathlib.Path(f).write_bytes(data))
