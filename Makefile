@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: test test-all test-interop venv clean
+DEMO_DATA := demo_data
+DEMO_WORKDIR := workdirs/demo
+
+.PHONY: demo test venv clean
 
 venv: $(STAMP)
 
@@ -16,9 +19,17 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	touch $(STAMP)
 
+# The main job end to end on built-in synthetic data: shards for all seven modalities,
+# a few minutes of pretraining of a tiny ViT on the CPU, then a linear probe per modality.
+demo: $(STAMP)
+	$(PY) -m data_pipelines.convert demo --out $(DEMO_DATA) --images-per-modality 256 --size 64
+	$(PY) -m mermed_jax.pretrain --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR)
+	$(PY) -m mermed_jax.evaluate --config=configs/eval_demo.py --workdir=$(DEMO_WORKDIR)
+	@echo "TensorBoard logs: $(DEMO_WORKDIR)  (tensorboard --logdir $(DEMO_WORKDIR))"
+
 # Every test but the interop ones (they need PyTorch + timm, a 5.5 GB install).
 test: $(STAMP)
 	$(PY) -m pytest -m "not interop" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .jax_cache .pytest_cache
+	rm -rf $(VENV) .jax_cache .pytest_cache $(DEMO_DATA) $(DEMO_WORKDIR)
