@@ -1,0 +1,1 @@
+"""Downstream evaluation: encoders, features, probes, fine-tuning, metrics, sweeps and reports."""
