@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 DEMO_DATA := demo_data
 DEMO_WORKDIR := workdirs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-interop venv clean
 
 venv: $(STAMP)
 
@@ -33,3 +33,19 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache $(DEMO_DATA) $(DEMO_WORKDIR)
+
+# PyTorch/timm interop tests (`-m interop`), in their own venv: torch 2.14.1 with torchvision and
+# timm is a 5.5 GB install that the runtime never needs.
+INTEROP_VENV := .venv-interop
+INTEROP_PY := $(INTEROP_VENV)/bin/python
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
+
+$(INTEROP_STAMP): requirements.txt requirements-test.txt
+	test -x $(INTEROP_PY) || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_PY) -m pip install --quiet --upgrade pip
+	$(INTEROP_PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 timm
+	$(INTEROP_PY) -m pip install --quiet -r requirements-test.txt
+	touch $(INTEROP_STAMP)
+
+test-interop: $(INTEROP_STAMP)
+	$(INTEROP_PY) -m pytest -m interop $(PYTEST_ARGS)
