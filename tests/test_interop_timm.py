@@ -5,6 +5,7 @@ Needs torch and timm (`make test-interop` builds .venv-interop with them); skipp
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from safetensors import torch as st_torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from mermed_jax.interop.export import export_params  # noqa: E402
+from mermed_jax.interop.files import CheckpointError  # noqa: E402
 from mermed_jax.interop.importer import load_weights  # noqa: E402
 from mermed_jax.interop.trees import backbone_shapes, unflatten  # noqa: E402
 from mermed_jax.models.vit import ViT, ViTConfig  # noqa: E402
@@ -103,3 +105,20 @@ def test_timm_classifier_is_reported_as_unexpected(tmp_path):
     weights = load_weights(path, config)
     assert weights.report.unexpected == ["head.bias", "head.weight"] and not weights.report.missing
     assert set(weights.backbone) == set(backbone_shapes(config))
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_pickle_with_code_is_refused_by_weights_only(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"cls_token": _Payload(str(marker))}, str(path))
+    with pytest.raises(CheckpointError, match=r"evil\.pth: torch.load\(weights_only=True\) refused the file"):
+        load_weights(path, SMALL)
+    assert not marker.exists()
