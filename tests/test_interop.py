@@ -14,7 +14,6 @@ import os
 import pickle
 import subprocess
 import sys
-import warnings
 
 import flax.linen as nn
 import jax
@@ -183,13 +182,12 @@ def timm_b16(tmp_path_factory):
     sd = random_timm_state_dict(np.random.default_rng(0), 768, 12, 3072, 16, 14)
     path = tmp_path_factory.mktemp("timm") / "vit_b16.safetensors"
     st_numpy.save_file(sd, str(path))
-    return sd, path
+    return sd, path, load_weights(path, B16, strict=True)
 
 
 @pytest.mark.parametrize("size", [224, 96])
 def test_timm_checkpoint_matches_numpy_reference_b16(timm_b16, size):
-    sd, path = timm_b16
-    weights = load_weights(path, B16, strict=True)
+    sd, _, weights = timm_b16
     params = jax.tree.map(jnp.asarray, unflatten(weights.backbone))
     image = np.random.default_rng(size).standard_normal((1, size, size, 3)).astype(np.float32)
     ours = _ours(B16, params, image)
@@ -200,8 +198,7 @@ def test_timm_checkpoint_matches_numpy_reference_b16(timm_b16, size):
 
 
 def test_b16_export_reproduces_the_timm_file(timm_b16, tmp_path):
-    sd, path = timm_b16
-    weights = load_weights(path, B16, strict=True)
+    sd, _, weights = timm_b16
     out = tmp_path / "b16.safetensors"
     export_params(unflatten(weights.backbone), None, B16, out, "safetensors")
     exported = st_numpy.load_file(str(out))
@@ -402,6 +399,13 @@ def test_pickle_as_pth_without_torch_is_refused_unread(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_pth_export_without_torch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(CheckpointError, match=r"out\.pth: writing a \.pth needs torch"):
+        export_params(_random_model(SMALL), None, SMALL, tmp_path / "out.pth", "pth")
+    assert not list(tmp_path.iterdir())
+
+
 def test_truncated_safetensors_is_refused(small_timm_file):
     sd, tmp = small_timm_file
     path = tmp / "cut.safetensors"
@@ -457,8 +461,7 @@ def test_export_cli_converts_msgpack_to_safetensors(tmp_path):
            "--config.head.bottleneck_dim=16", "--with_head"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-2000:]
-    with warnings.catch_warnings():
-        weights = load_weights(out, SMALL, SMALL_HEAD, strict=True)
+    weights = load_weights(out, SMALL, SMALL_HEAD, strict=True)
     np.testing.assert_array_equal(weights.backbone[("blocks_1", "mlp", "fc2", "bias")], params["blocks_1"]["mlp"]["fc2"]["bias"])
     np.testing.assert_array_equal(weights.head_stats[("bn_0", "mean")], stats["bn_0"]["mean"])
     meta = json.loads((tmp_path / "exported.json").read_text())
