@@ -18,6 +18,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
@@ -321,6 +322,16 @@ def test_shape_mismatch_names_the_key_and_both_shapes(small_timm_file):
     message = str(error.value)
     assert "bad.safetensors" in message and "'blocks.0.mlp.fc1.weight'" in message
     assert "(96, 64)" in message and "(128, 64)" in message
+
+
+def test_bfloat16_checkpoint_loads_as_float32(small_timm_file):
+    sd, tmp = small_timm_file
+    path = tmp / "bf16.safetensors"
+    st_numpy.save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}, str(path))
+    weights = load_weights(path, SMALL, strict=True)
+    cls = weights.backbone[("cls_token",)]
+    assert cls.dtype == np.float32
+    np.testing.assert_array_equal(cls, sd["cls_token"].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_pos_embed_of_another_grid_is_resized_with_a_warning(small_timm_file):

@@ -39,6 +39,8 @@ def torch_available() -> bool:
 
 
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    # ml_dtypes registers numpy's "bfloat16", without which safetensors.numpy cannot read bf16 files.
+    import ml_dtypes  # noqa: F401, PLC0415
     from safetensors import numpy as st_numpy  # noqa: PLC0415 - keeps import of this module light
 
     try:
