@@ -433,6 +433,11 @@ def test_msgpack_with_wrong_shapes_is_refused(tmp_path):
     files.write_msgpack(path, {"backbone": params})
     with pytest.raises(CheckpointError, match=r"wrong\.msgpack: 'blocks_1/attn/proj/kernel' has shape \(2, 32, 32\) .* expects \(2, 32, 64\)"):
         load_weights(path, SMALL)
+    scanned = _random_model(dataclasses.replace(SMALL, scan_layers=True))
+    scanned["blocks"]["block"]["norm1"]["scale"] = np.ones((3, 64), np.float32)
+    files.write_msgpack(tmp_path / "depth.msgpack", {"backbone": scanned})
+    with pytest.raises(CheckpointError, match=r"depth\.msgpack: scanned 'blocks/block' leaves must share one"):
+        load_weights(tmp_path / "depth.msgpack", SMALL)
     (tmp_path / "junk.msgpack").write_bytes(b"\xc1not msgpack")
     with pytest.raises(CheckpointError, match="junk.msgpack: not a readable msgpack file"):
         load_weights(tmp_path / "junk.msgpack", SMALL)

@@ -66,7 +66,10 @@ def import_msgpack_tree(
 ) -> ImportedWeights:
     report = ImportReport(source)
     backbone_tree, head_tree, stats_tree = _msgpack_parts(tree, source)
-    found = flatten(unroll_blocks(backbone_tree))
+    try:
+        found = flatten(unroll_blocks(backbone_tree))
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     expected = backbone_shapes(config)
     pos = {p[0]: found[p] for p in _POS_TOKENS if p in found}
     fit_pos_embed(pos, expected[("pos_embed",)], config.num_registers, source, report.notes)

@@ -64,8 +64,11 @@ def unroll_blocks(backbone: Mapping[str, Any]) -> Tree:
     if not is_scanned(backbone):
         return dict(backbone)
     out = {k: v for k, v in backbone.items() if k != "blocks"}
-    stacked = backbone["blocks"]["block"]
-    depth = jax.tree.leaves(stacked)[0].shape[0]
+    stacked = backbone["blocks"].get("block", {}) if isinstance(backbone["blocks"], Mapping) else {}
+    depths = {path_str(p): np.shape(x)[0] if np.ndim(x) else 0 for p, x in flatten(stacked).items()}
+    if not depths or len(set(depths.values())) != 1:
+        raise ValueError(f"scanned 'blocks/block' leaves must share one leading layer axis; found {depths}")
+    depth = next(iter(depths.values()))
     for i in range(depth):
         out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
     return out
