@@ -1,0 +1,104 @@
+"""What is evaluated: the teacher backbone of an Orbax checkpoint, an exported file, a randomly
+initialised network of the same shape (the floor every number is shown beside), or raw pixels.
+
+An Encoder carries everything feature extraction needs (architecture, parameters, the per-modality
+pixel statistics the network was trained with) and a tag that names it in caches and results, so
+the rest of the evaluation never asks where the weights came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from data_pipelines import stats
+from mermed_jax import checkpointing, train_state
+from mermed_jax.models.vit import ViT, ViTConfig
+
+PIXELS = "pixels"
+RANDOM = "random"
+NORMALIZATIONS = ("pretrain", "imagenet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    tag: str  # "step_000040", "random", "pixels", "export_<name>": a cache and results key
+    kind: str  # "checkpoint", "export", RANDOM or PIXELS
+    config: ViTConfig | None  # None for raw pixels
+    params: Any
+    pixel_mean: np.ndarray  # [NUM_MODALITIES, 3], for pixels / 255
+    pixel_std: np.ndarray
+
+
+def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+    """Steps of the complete checkpoints of a pretraining workdir, ascending."""
+    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        return []
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    steps = sorted(manager.all_steps())
+    manager.close()
+    return steps
+
+
+def pixel_statistics(pretrain_config: ml_collections.ConfigDict, normalization: str) -> tuple[np.ndarray, np.ndarray]:
+    """The per-modality pixel mean/std the network saw: the pretraining data's (as the train step
+    computed them) or ImageNet's."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}: expected one of {NORMALIZATIONS}")
+    if normalization == "imagenet":
+        return stats.modality_stats(())
+    dirs = tuple(pretrain_config.data.dirs)
+    missing = [d for d in dirs if not pathlib.Path(d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"normalization='pretrain': the pretraining data.dirs {missing} are not here; "
+                                f"run from the pretraining directory or set normalization='imagenet'")
+    return stats.modality_stats(dirs, pretrain_config.data.split)
+
+
+def eval_vit_config(pretrain_config: ml_collections.ConfigDict) -> ViTConfig:
+    """The teacher's architecture, in fp32 (features feed probes; bf16 rounding buys nothing here)."""
+    return dataclasses.replace(train_state.backbone_config(pretrain_config, teacher=True), dtype="float32")
+
+
+def from_checkpoint(workdir: str | pathlib.Path, step: int | None, normalization: str = "pretrain") -> Encoder:
+    """The teacher backbone of a checkpoint (step None: the latest complete one)."""
+    state, config, step = checkpointing.load_train_state(workdir, step)
+    mean, std = pixel_statistics(config, normalization)
+    params = jax.device_get(state.teacher_params["backbone"])
+    return Encoder(f"step_{step:06d}", "checkpoint", eval_vit_config(config), params, mean, std)
+
+
+def random_init(like: Encoder, seed: int = 0) -> Encoder:
+    """A network of `like`'s architecture and pixel statistics with freshly initialised weights."""
+    if like.config is None:
+        raise ValueError("random_init needs a network encoder to copy the architecture of, not raw pixels")
+    size = like.config.img_size
+    variables = ViT(like.config).init(jax.random.key(seed), np.zeros((1, size, size, 3), np.float32), train=False)
+    params = jax.device_get(nn.unbox(variables["params"]))
+    return Encoder(RANDOM if seed == 0 else f"{RANDOM}_seed{seed}", RANDOM, like.config, params,
+                   like.pixel_mean, like.pixel_std)
+
+
+def raw_pixels(like: Encoder) -> Encoder:
+    """The raw-pixel baseline (features are downsampled, normalised pixels)."""
+    return Encoder(PIXELS, PIXELS, None, None, like.pixel_mean, like.pixel_std)
+
+
+def from_export(path: str | pathlib.Path) -> Encoder:
+    """An exported backbone (msgpack, safetensors or .pth with its config JSON), through the
+    interop package's loader, which carries the export's own pixel statistics."""
+    from mermed_jax.interop.encoder import load_encoder  # the export format is the interop package's
+
+    loaded = load_encoder(path)
+    logging.info("loaded exported encoder %s", path)
+    return Encoder(f"export_{pathlib.Path(path).stem}", "export", loaded.config, loaded.params,
+                   np.asarray(loaded.pixel_mean, np.float32), np.asarray(loaded.pixel_std, np.float32))

@@ -1,0 +1,227 @@
+"""Reports of a sweep: summary.csv (mean and 95% CI over seeds), results.md (tables with every
+encoder side by side, so a number always has its random-init and raw-pixel floors beside it) and
+plots (per-dataset AUROC bars with CIs, ROC curves, AUROC against label fraction, a 2-D PCA map of
+the test embeddings coloured by modality and by label).
+
+CIs: over seeds (Student t) when a row has several seeds; otherwise the bootstrap CI of its test
+set, and the table says which.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import math
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+
+from mermed_jax.eval.metrics import mean_ci, one_hot  # noqa: E402
+from mermed_jax.modalities import MODALITIES  # noqa: E402
+
+GROUP = ("encoder", "dataset", "protocol", "feature", "label_fraction")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per (encoder, dataset, protocol, feature, fraction): AUROC mean and 95% CI."""
+    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for row in rows:
+        groups[tuple(row[k] for k in GROUP)].append(row)
+    out = []
+    for key, members in groups.items():
+        aurocs = [float(r["auroc"]) for r in members]
+        if len(members) > 1:
+            mean, low, high = mean_ci(aurocs)
+            kind = f"t over {len(members)} seeds"
+        else:
+            mean, low, high = aurocs[0], float(members[0]["auroc_lo"]), float(members[0]["auroc_hi"])
+            kind = "bootstrap"
+        out.append(dict(zip(GROUP, key), modality=members[0]["modality"], n_test=members[0]["n_test"],
+                        seeds=len(members), auroc=mean, ci_lo=low, ci_hi=high, ci=kind,
+                        accuracy=float(np.mean([float(r["accuracy"]) for r in members])),
+                        notes=members[0].get("notes", "")))
+    return out
+
+
+def _cell(line: dict | None) -> str:
+    if line is None:
+        return "-"
+    if math.isnan(line["ci_lo"]):
+        return f"{line['auroc']:.3f}"
+    return f"{line['auroc']:.3f} [{line['ci_lo']:.3f}, {line['ci_hi']:.3f}]"
+
+
+def _encoders(summary: list[dict]) -> list[str]:
+    """Checkpoints first, then the floors (random init, raw pixels)."""
+    names = sorted({s["encoder"] for s in summary})
+    return [n for n in names if not n.startswith(("random", "pixels"))] + [n for n in names if n.startswith("random")] + \
+        [n for n in names if n.startswith("pixels")]
+
+
+def markdown(summary: list[dict]) -> str:
+    """Per protocol and label fraction: one row per dataset, one column per encoder (AUROC [95% CI])."""
+    encoders = _encoders(summary)
+    by_key = {(s["encoder"], s["dataset"], s["protocol"], s["label_fraction"]): s for s in summary}
+    lines = []
+    settings = sorted({(s["protocol"], s["label_fraction"]) for s in summary}, key=lambda p: (p[0], float(p[1])))
+    datasets = sorted({(MODALITIES.index(s["modality"]), s["dataset"]) for s in summary})
+    for protocol, fraction in settings:
+        features = sorted({s["feature"] for s in summary if s["protocol"] == protocol and s["encoder"] != "pixels"})
+        lines.append(f"\n### {protocol}, {float(fraction):.0%} of training labels (features: {', '.join(features) or 'pixels'})\n")
+        lines.append("| dataset | modality | n test | " + " | ".join(encoders) + " |")
+        lines.append("|---|---|---|" + "---|" * len(encoders))
+        for _, dataset in datasets:
+            cells = [by_key.get((e, dataset, protocol, fraction)) for e in encoders]
+            first = next((c for c in cells if c is not None), None)
+            if first is None:
+                continue
+            lines.append(f"| {dataset} | {first['modality']} | {first['n_test']} | " + " | ".join(map(_cell, cells)) + " |")
+    kinds = sorted({s["ci"] for s in summary})
+    notes = sorted({n for s in summary for n in s["notes"].split(" | ") if n})
+    lines.append(f"\nMacro one-vs-rest AUROC on the test split; 95% CI: {'; '.join(kinds)}.")
+    lines.extend(f"- {n}" for n in notes)
+    return "\n".join(lines) + "\n"
+
+
+def _plot_bars(summary: list[dict], path: pathlib.Path) -> None:
+    encoders = _encoders(summary)
+    full = [s for s in summary if float(s["label_fraction"]) == 1.0]
+    settings = sorted({(s["protocol"], s["feature"]) for s in full if s["encoder"] == encoders[0]})
+    if not settings:
+        return
+    protocol, feature = settings[0]
+    datasets = sorted({s["dataset"] for s in full})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(datasets) * len(encoders) / 2), 4))
+    width = 0.8 / len(encoders)
+    for i, enc in enumerate(encoders):
+        lines = {s["dataset"]: s for s in full if s["encoder"] == enc and s["protocol"] == protocol
+                 and (s["feature"] == feature or enc.startswith("pixels"))}
+        values = np.array([lines[d]["auroc"] if d in lines else np.nan for d in datasets])
+        low = np.array([lines[d]["ci_lo"] if d in lines else np.nan for d in datasets])
+        high = np.array([lines[d]["ci_hi"] if d in lines else np.nan for d in datasets])
+        err = np.nan_to_num(np.stack([values - low, high - values]))
+        ax.bar(np.arange(len(datasets)) + i * width, values, width, yerr=err, capsize=2, label=enc)
+    ax.set_xticks(np.arange(len(datasets)) + width * (len(encoders) - 1) / 2, datasets, rotation=30, ha="right")
+    ax.set_ylim(0.0, 1.0)
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_ylabel("macro AUROC (95% CI)")
+    ax.set_title(f"{protocol} ({feature}), all training labels")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_roc(rows: list[dict], eval_dir: pathlib.Path, path: pathlib.Path) -> None:
+    """Micro-averaged one-vs-rest ROC per dataset, one curve per encoder (first seed, all labels)."""
+    chosen = {}
+    for r in rows:
+        if float(r["label_fraction"]) == 1.0 and r["protocol"] != "finetune":
+            chosen.setdefault((r["dataset"], r["encoder"]), r)
+    datasets = sorted({d for d, _ in chosen})
+    if not datasets:
+        return
+    cols = min(4, len(datasets))
+    fig, axes = plt.subplots(math.ceil(len(datasets) / cols), cols, figsize=(3.2 * cols, 3.2 * math.ceil(len(datasets) / cols)),
+                             squeeze=False)
+    for ax, dataset in zip(axes.ravel(), datasets):
+        for (d, enc), r in sorted(chosen.items()):
+            if d != dataset:
+                continue
+            score_path = eval_dir / "scores" / enc / d / f"{r['protocol']}_{r['feature']}_f{float(r['label_fraction']):g}_s{r['seed']}.npz"
+            if not score_path.is_file():
+                continue
+            with np.load(score_path) as npz:
+                labels, scores = npz["labels"], npz["scores"]
+            targets = one_hot(labels, scores.shape[1]) if labels.ndim == 1 else labels
+            fpr, tpr, _ = skm.roc_curve(targets.ravel(), scores.ravel())
+            ax.plot(fpr, tpr, label=f"{enc} ({r['protocol']})")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        ax.set_title(dataset, fontsize=9)
+        ax.legend(fontsize=6)
+    for ax in axes.ravel()[len(datasets):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_fractions(summary: list[dict], path: pathlib.Path) -> None:
+    fractions = {float(s["label_fraction"]) for s in summary}
+    if len(fractions) < 2:
+        return
+    datasets = sorted({s["dataset"] for s in summary})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(3.5 * len(datasets), 3.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        curves = collections.defaultdict(list)
+        for s in summary:
+            if s["dataset"] == dataset:
+                curves[(s["encoder"], s["protocol"], s["feature"])].append(s)
+        for (enc, protocol, feature), points in sorted(curves.items()):
+            points.sort(key=lambda s: float(s["label_fraction"]))
+            x = [100 * float(s["label_fraction"]) for s in points]
+            y = np.array([s["auroc"] for s in points])
+            ax.plot(x, y, marker="o", label=f"{enc} {protocol}/{feature}")
+            low, high = np.array([s["ci_lo"] for s in points]), np.array([s["ci_hi"] for s in points])
+            ax.fill_between(x, low, high, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("% of training labels")
+        ax.set_ylabel("macro AUROC")
+        ax.set_title(dataset, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_embedding(eval_dir: pathlib.Path, encoder: str, path: pathlib.Path, feature: str = "cls") -> None:
+    """PCA of the cached test features of `encoder` over all datasets: by modality and by label."""
+    files = sorted((eval_dir / "features" / encoder).glob("*/test.npz"))
+    feats, modality, labels = [], [], []
+    for f in files:
+        with np.load(f) as npz:
+            if feature not in npz.files:
+                continue
+            feats.append(npz[feature])
+            modality.append(npz["modality"])
+            lab = npz["labels"]
+            labels.append(lab if lab.ndim == 1 else np.where(lab.any(1), lab.argmax(1), -1))
+    if not feats or sum(len(f) for f in feats) < 3:
+        return
+    xy = PCA(2).fit_transform(np.concatenate(feats))
+    modality, labels = np.concatenate(modality), np.concatenate(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for m in np.unique(modality):
+        axes[0].scatter(*xy[modality == m].T, s=6, label=MODALITIES[m])
+    axes[0].legend(fontsize=7, markerscale=2)
+    axes[0].set_title(f"{encoder} {feature}: by modality")
+    axes[1].scatter(*xy.T, s=6, c=labels, cmap="tab10")
+    axes[1].set_title("by label (first label of multi-label rows)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(eval_dir: pathlib.Path, rows: list[dict], plots: bool = True) -> str:
+    """Writes summary.csv, results.md and the plots into eval_dir; returns the markdown."""
+    eval_dir = pathlib.Path(eval_dir)
+    summary = summarize(rows)
+    if summary:
+        with open(eval_dir / "summary.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, list(summary[0]))
+            writer.writeheader()
+            writer.writerows(summary)
+    text = markdown(summary)
+    (eval_dir / "results.md").write_text(text)
+    if plots and summary:
+        _plot_bars(summary, eval_dir / "auroc_bars.png")
+        _plot_roc(rows, eval_dir, eval_dir / "roc_curves.png")
+        _plot_fractions(summary, eval_dir / "auroc_vs_fraction.png")
+        _plot_embedding(eval_dir, _encoders(summary)[0], eval_dir / "embedding_map.png")
+    return text

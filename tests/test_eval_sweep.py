@@ -1,0 +1,122 @@
+"""The evaluation sweep end to end on tiny demo data: an Orbax checkpoint's teacher, a random-init
+network and raw pixels x 2 datasets x 2 label fractions x 2 seeds x (linear, kNN); then resuming a
+partial sweep, the report, and the 70/15/15 split of a dataset that has no splits of its own."""
+
+import csv
+import json
+import pathlib
+import shutil
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from data_pipelines.sources.synthetic import write_demo_data
+from mermed_jax import evaluate, sharding, train_state
+from mermed_jax.config_lib import load_config_file
+from mermed_jax.eval import encoders, report, sweep
+from mermed_jax.eval.config import eval_recipe, validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATASETS = ("demo_ct", "demo_cxr")
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("eval_data")
+    write_demo_data(out, images_per_modality=32, size=16, seed=0, shard_size=16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, demo_root) -> pathlib.Path:
+    """A pretraining workdir as pretrain.py leaves it: config.json and an Orbax checkpoint."""
+    config = load_config_file(ROOT / "configs/demo_cpu.py")
+    config.data.dirs = tuple(str(demo_root / d) for d in DATASETS)
+    config.model.update(dict(depth=1, img_size=16))
+    config.crops.update(dict(global_size=16, local_size=8))
+    workdir = tmp_path_factory.mktemp("pretrain")
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    state = nn.unbox(train_state.init_train_state(config, jax.random.key(3)))
+    manager = ocp.CheckpointManager(workdir / "checkpoints", item_handlers={"state": ocp.StandardCheckpointHandler()})
+    manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def _config(demo_root):
+    config = eval_recipe()
+    config.datasets.update({d: str(demo_root / d) for d in DATASETS})
+    config.protocols = ("linear", "knn")
+    config.label_fractions = (0.5, 1.0)
+    config.seeds = (0, 1)
+    config.data.update(dict(image_size=16, crop_fraction=1.0, batch_size=16))
+    config.linear.cs = (0.1, 1.0)
+    config.bootstrap.resamples = 50
+    validate(config)
+    return config
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_end_to_end_then_resume(tmp_path, demo_root, workdir, monkeypatch):
+    config = _config(demo_root)
+    teacher = encoders.from_checkpoint(workdir, None)
+    assert teacher.tag == "step_000007" and encoders.checkpoint_steps(workdir) == [7]
+    eval_dir = tmp_path / "eval"
+    text = evaluate.evaluate(config, [teacher], eval_dir)
+
+    rows = _read(eval_dir / "results.csv")
+    # per encoder and dataset: 2 protocols x (fraction 0.5 x 2 seeds + fraction 1 once) = 6 rows
+    assert len(rows) == 3 * 2 * 6
+    assert {r["encoder"] for r in rows} == {"step_000007", "random", "pixels"}
+    assert len({sweep.row_key(r) for r in rows}) == len(rows)
+    for r in rows:
+        assert 0.0 <= float(r["auroc"]) <= 1.0 and r["n_test"] != "0"
+        assert json.loads(r["per_class_auroc"]).keys() == {"blobs", "stripes", "checker", "rings"}
+    half = [r for r in rows if r["label_fraction"] == "0.5"]
+    assert {r["n_train"] for r in half} < {r["n_train"] for r in rows}
+    assert "| demo_ct | ct |" in text and "step_000007" in text and "random" in text and "pixels" in text
+    for plot in ("auroc_bars.png", "roc_curves.png", "auroc_vs_fraction.png", "embedding_map.png"):
+        assert (eval_dir / plot).stat().st_size > 0
+    assert (eval_dir / "features" / "step_000007" / "demo_ct" / "test.npz").is_file()
+
+    # Drop 5 rows, as if the job had died: a rerun runs exactly those and nothing else.
+    with open(eval_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows[:-5])
+    calls = []
+    run_row = sweep.run_row
+    monkeypatch.setattr(sweep, "run_row", lambda *a, **k: calls.append(a[1]) or run_row(*a, **k))
+    evaluate.evaluate(config, [teacher], eval_dir)
+    assert sorted(sweep.row_key(k) for k in calls) == sorted(sweep.row_key(r) for r in rows[-5:])
+    again = _read(eval_dir / "results.csv")
+    assert sorted(map(sweep.row_key, again)) == sorted(map(sweep.row_key, rows))
+    summary = report.summarize(again)
+    seeded = [s for s in summary if s["label_fraction"] == "0.5"]
+    assert seeded and all(s["seeds"] == 2 and s["ci"] == "t over 2 seeds" for s in seeded)
+
+
+def test_dataset_without_splits_is_split_70_15_15(tmp_path, demo_root, workdir):
+    directory = tmp_path / "train_only"
+    shutil.copytree(demo_root / "demo_us", directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for split in ("val", "test"):
+        del manifest["splits"][split]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    config = _config(demo_root)
+    dataset = sweep.describe("train_only", str(directory))
+    assert not dataset.native_splits
+    teacher = encoders.from_checkpoint(workdir, 7)
+    splits = sweep.feature_splits(config, dataset, teacher, tmp_path / "eval", sharding.make_mesh((-1, 1, 1)))
+    train_count = manifest["splits"]["train"]["num_records"]
+    sizes = [len(splits[s].labels) for s in sweep.SPLITS]
+    assert sum(sizes) == train_count and sizes[0] > sizes[1] > 0 and sizes[2] > 0
+    assert all(len(np.unique(splits[s].labels)) == 4 for s in sweep.SPLITS)
