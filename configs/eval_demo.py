@@ -23,6 +23,6 @@ def get_config(arg: str | None = None):
     config.protocols = ("linear",)
     config.seeds = (0,)
     config.data.update(dict(image_size=32, crop_fraction=1.0, batch_size=64))
-    config.linear.cs = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    config.linear.update(dict(cs=(1e-2, 1e-1, 1.0), max_iter=300))
     config.bootstrap.resamples = 200
     return config_lib.apply_arguments(config, ",".join(f"{k}={v}" for k, v in options.items()))
