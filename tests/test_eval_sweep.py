@@ -120,3 +120,21 @@ def test_dataset_without_splits_is_split_70_15_15(tmp_path, demo_root, workdir):
     sizes = [len(splits[s].labels) for s in sweep.SPLITS]
     assert sum(sizes) == train_count and sizes[0] > sizes[1] > 0 and sizes[2] > 0
     assert all(len(np.unique(splits[s].labels)) == 4 for s in sweep.SPLITS)
+
+
+def test_checkpoint_choice_and_watch(tmp_path, demo_root, workdir, capsys):
+    config = _config(demo_root)
+    config.protocols = ("knn",)
+    config.label_fractions = (1.0,)
+    config.baselines = ()
+    config.plots = False
+    assert evaluate._checkpoint_steps(config, str(workdir), None) == [7]
+    config.checkpoints = "all"
+    assert evaluate._checkpoint_steps(config, str(workdir), None) == [7]
+    with pytest.raises(FileNotFoundError, match=r"no step \[8\] \(have \[7\]\)"):
+        evaluate._checkpoint_steps(config, str(workdir), 8)
+    config.watch.update(dict(poll_seconds=0.05, idle_timeout_seconds=0.5))
+    evaluate.watch(config, str(workdir), tmp_path / "watch")  # evaluates step 7, then stops when idle
+    rows = _read(tmp_path / "watch" / "results.csv")
+    assert {r["encoder"] for r in rows} == {"step_000007"} and len(rows) == 2
+    assert "step_000007" in capsys.readouterr().out
