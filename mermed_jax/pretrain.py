@@ -94,7 +94,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
 
     # ------------------------------------------------------------------ compile
     step_fn = train_step.jit_train_step(
-        train_step.make_train_step(config, pixel_mean, pixel_std, sharding.num_batch_shards(mesh)),
+        train_step.make_train_step(config, pixel_mean, pixel_std, mesh=mesh),
         mesh, state_shardings,
     )
     batch_sharding = sharding.batch_sharding(mesh)

@@ -49,12 +49,13 @@ def _all_finite(tree: Any) -> jnp.ndarray:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray) -> Callable:
+def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray,
+                 mesh: Mesh | None = None) -> Callable:
     """loss(params, teacher_params, state, batch, dropout_rng, partition, hparams) -> (loss, aux).
 
     Both networks run inside, so that a test can differentiate with respect to the teacher and
     see exact zeros. aux holds the metrics, both networks' new BatchNorm statistics and the
-    teacher embeddings (the memory's next rows).
+    teacher embeddings (the memory's next rows). With `mesh`, the memory loss runs sharded.
     """
     student_net, teacher_net = build_networks(config)
     num_global = config.crops.num_global
@@ -83,7 +84,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
         metrics = memory_cross_entropy(
             student_emb, teacher_emb, state.memory, modality, partition,
             student_temp=student_temp, teacher_temp=hparams["teacher_temp"],
-            gating=memory_lib.is_full(state.memory),
+            gating=memory_lib.is_full(state.memory), mesh=mesh,
         )
         koleo = sum(koleo_loss(student_emb[i]) for i in range(num_global))
         metrics["memory_loss"] = metrics["loss"]
@@ -122,8 +123,12 @@ def from_micro_batches(x: jnp.ndarray, batch_shards: int) -> jnp.ndarray:
 
 
 def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray,
-                    batch_shards: int = 1) -> Callable:
+                    batch_shards: int = 1, *, mesh: Mesh | None = None) -> Callable:
     """The pure step for this config. pixel_mean/std: float32 [NUM_MODALITIES, 3].
+
+    With `mesh` (what pretraining passes), the memory's partition, loss and enqueue run sharded
+    over the batch devices (ssl/memory.py, ssl/loss.py) and batch_shards is the mesh's; without
+    it they run on whole arrays and XLA places them (correct, but it may all-gather the queue).
 
     Gradient accumulation (config.grad_accum_steps = A) splits the batch into A micro-batches
     (batch_shards: how many ways the batch is split over devices, so micro-batches stay local).
@@ -133,7 +138,9 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
     of all B teacher embeddings in batch order. With the head's BatchNorm off (and no stochastic
     depth or KoLeo, which also see only their micro-batch) this equals one step on the whole batch.
     """
-    loss_fn = make_loss_fn(config, pixel_mean, pixel_std)
+    if mesh is not None:
+        batch_shards = sharding_lib.num_batch_shards(mesh)
+    loss_fn = make_loss_fn(config, pixel_mean, pixel_std, mesh)
     optimizer = make_student_optimizer(config)
     student_temp = config.loss.student_temp
     num_micro = config.grad_accum_steps
@@ -142,7 +149,7 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
 
     def step(state: TrainState, batch: Batch, rng: jax.Array, hparams: dict[str, jnp.ndarray]):
         dropout_rng, partition_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-        partition = memory_lib.stratified_partition(partition_rng, state.memory, partition_size)
+        partition = memory_lib.stratified_partition(partition_rng, state.memory, partition_size, mesh)
         micro_batches = to_micro_batches(batch, num_micro, batch_shards)
 
         def accumulate(carry, inputs):
@@ -174,7 +181,8 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
 
         new_params = keep_if_finite(new_params, state.params)
         new_teacher = ema_update(state.teacher_params, new_params, hparams["momentum"])
-        new_memory = memory_lib.enqueue(state.memory, from_micro_batches(teacher_rows, batch_shards), batch["modality"])
+        new_memory = memory_lib.enqueue(state.memory, from_micro_batches(teacher_rows, batch_shards),
+                                       batch["modality"], mesh)
         new_state = state.replace(
             step=state.step + 1,
             params=new_params,

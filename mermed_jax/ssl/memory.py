@@ -2,18 +2,27 @@
 
 The queue holds K rows as [S, K/S, d]: S logical shards of K/S rows, each with its own pointer.
 Every step each logical shard receives B/S of the B new embeddings (batch rows are assigned to
-shards contiguously, so when the batch and the shard axis are split over the same devices, each
-device writes only its own shards). Nothing here depends on the number of devices: two runs with
-the same S produce the same queue on any mesh, which is what makes checkpoints portable across
-meshes. Shards start as random unit vectors with modality id -1, like the official code; those
-rows take part in the logits until overwritten.
+shards contiguously). Nothing here depends on the number of devices: two runs with the same S
+produce the same queue on any mesh, which is what makes checkpoints portable across meshes.
+Shards start as random unit vectors with modality id -1, like the official code; those rows take
+part in the logits until overwritten.
+
+On a mesh (pass `mesh`), the shard axis and the batch are split over the same N = data x fsdp
+devices (S is a multiple of N), so device i holds logical shards [i S/N, (i+1) S/N) and batch rows
+[i B/N, (i+1) B/N), which are exactly the rows those shards receive. `enqueue` and
+`stratified_partition` therefore run under shard_map with no communication at all: each device
+writes its own shards at their own pointers and draws its own shards' permutations. (Left to XLA,
+a dynamic_update_slice at a moving position into a sharded array all-gathers the whole queue.)
+Without a mesh the same per-shard code runs on the whole array, so both paths give equal results.
 """
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from mermed_jax.modalities import EMPTY_MODALITY_ID, NUM_MODALITIES
+from mermed_jax.sharding import BATCH_AXES, num_batch_shards
 
 
 class MemoryState(flax.struct.PyTreeNode):
@@ -56,23 +65,36 @@ def init_memory(rng: jax.Array, size: int, dim: int, num_shards: int) -> MemoryS
     )
 
 
-def enqueue(memory: MemoryState, embeddings: jnp.ndarray, modality: jnp.ndarray) -> MemoryState:
+def _enqueue_shards(queue: jnp.ndarray, ids: jnp.ndarray, ptr: jnp.ndarray, embeddings: jnp.ndarray,
+                    modality: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Writes rows into the shards given (all of them, or one device's), each at its pointer."""
+    num_shards, rows_per_shard, dim = queue.shape
+    per_shard = embeddings.shape[0] // num_shards
+    new_rows = embeddings.reshape(num_shards, per_shard, dim).astype(queue.dtype)
+    new_ids = modality.reshape(num_shards, per_shard).astype(jnp.int32)
+
+    def write(shard_queue, shard_ids, shard_ptr, rows, row_ids):
+        shard_queue = jax.lax.dynamic_update_slice(shard_queue, rows, (shard_ptr, 0))
+        shard_ids = jax.lax.dynamic_update_slice(shard_ids, row_ids, (shard_ptr,))
+        return shard_queue, shard_ids, (shard_ptr + per_shard) % rows_per_shard
+
+    return jax.vmap(write)(queue, ids, ptr, new_rows, new_ids)
+
+
+def enqueue(memory: MemoryState, embeddings: jnp.ndarray, modality: jnp.ndarray,
+            mesh: Mesh | None = None) -> MemoryState:
     """Writes B new rows: shard s gets batch rows [s*B/S, (s+1)*B/S) at its own pointer.
 
     Configuration guarantees that K/S is a multiple of B/S, so a write never straddles the end of
-    a shard and the pointer wraps exactly to 0.
+    a shard and the pointer wraps exactly to 0. With `mesh`, each device writes its own shards
+    from its own batch rows (see the module docstring): no collective.
     """
-    num_shards, rows_per_shard, dim = memory.queue.shape
-    per_shard = embeddings.shape[0] // num_shards
-    new_rows = embeddings.reshape(num_shards, per_shard, dim).astype(memory.queue.dtype)
-    new_ids = modality.reshape(num_shards, per_shard).astype(jnp.int32)
-
-    def write(shard_queue, shard_ids, ptr, rows, ids):
-        shard_queue = jax.lax.dynamic_update_slice(shard_queue, rows, (ptr, 0))
-        shard_ids = jax.lax.dynamic_update_slice(shard_ids, ids, (ptr,))
-        return shard_queue, shard_ids, (ptr + per_shard) % rows_per_shard
-
-    queue, ids, ptr = jax.vmap(write)(memory.queue, memory.ids, memory.ptr, new_rows, new_ids)
+    args = (memory.queue, memory.ids, memory.ptr, embeddings, modality)
+    if mesh is None:
+        queue, ids, ptr = _enqueue_shards(*args)
+    else:
+        spec = PartitionSpec(BATCH_AXES)
+        queue, ids, ptr = jax.shard_map(_enqueue_shards, mesh=mesh, in_specs=spec, out_specs=spec)(*args)
     return MemoryState(queue=queue, ids=ids, ptr=ptr)
 
 
@@ -88,18 +110,35 @@ def fill_fractions(memory: MemoryState) -> jnp.ndarray:
     return counts.astype(jnp.float32) / ids.size
 
 
-def stratified_partition(rng: jax.Array, memory: MemoryState, partition_size: int) -> jnp.ndarray:
+def _partition_shards(rng: jax.Array, first_shard: jnp.ndarray, num_shards: int, rows_per_shard: int,
+                      num_blocks: int) -> jnp.ndarray:
+    """Flat columns [num_blocks, num_shards * per_shard] of shards first_shard, first_shard + 1, ..."""
+    shard_ids = first_shard + jnp.arange(num_shards)
+    perms = jax.vmap(lambda s: jax.random.permutation(jax.random.fold_in(rng, s), rows_per_shard))(shard_ids)
+    local = perms.reshape(num_shards, num_blocks, rows_per_shard // num_blocks)
+    flat = local + (shard_ids * rows_per_shard)[:, None, None]
+    return flat.transpose(1, 0, 2).reshape(num_blocks, -1).astype(jnp.int32)
+
+
+def stratified_partition(rng: jax.Array, memory: MemoryState, partition_size: int,
+                         mesh: Mesh | None = None) -> jnp.ndarray:
     """A random partition of the K memory columns into K/partition_size blocks.
 
     Returns flat column indices [num_blocks, partition_size] into the queue viewed as [K, d]. Each
-    block takes partition_size/S random columns from every logical shard, and shard s's
-    permutation comes from fold_in(rng, s): the partition depends on S, never on the device count.
+    block takes partition_size/S random columns from every logical shard, in shard order, and
+    shard s's permutation comes from fold_in(rng, s): the partition depends on S, never on the
+    device count. With `mesh` the result is split over the batch devices along its columns, each
+    device drawing the columns of its own shards (the layout memory_cross_entropy consumes).
     """
     num_shards, rows_per_shard, _ = memory.queue.shape
     num_blocks = memory.size // partition_size
-    per_shard = partition_size // num_shards
-    keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.arange(num_shards))
-    perms = jax.vmap(lambda k: jax.random.permutation(k, rows_per_shard))(keys)  # [S, K/S]
-    local = perms.reshape(num_shards, num_blocks, per_shard)
-    flat = local + (jnp.arange(num_shards) * rows_per_shard)[:, None, None]
-    return flat.transpose(1, 0, 2).reshape(num_blocks, partition_size).astype(jnp.int32)
+    if mesh is None:
+        return _partition_shards(rng, jnp.int32(0), num_shards, rows_per_shard, num_blocks)
+    local_shards = num_shards // num_batch_shards(mesh)
+
+    def local(key):
+        first = jax.lax.axis_index(BATCH_AXES) * local_shards
+        return _partition_shards(key, first, local_shards, rows_per_shard, num_blocks)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(),
+                         out_specs=PartitionSpec(None, BATCH_AXES))(rng)

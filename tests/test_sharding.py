@@ -1,0 +1,193 @@
+"""The train step on 8 simulated devices equals the step on 1 device, for every mesh layout.
+
+Parameters whose gradient is exactly zero in exact arithmetic are left out of the comparison,
+and a test asserts that their gradient is ~0 on 1 device. In floating point such a gradient is
+rounding noise (~1e-9) whose value depends on the order of the sums, i.e. on the mesh, and Adam
+divides it by sqrt(v) ~ |noise|, so those entries move by +-lr in mesh-dependent directions:
+their relative difference between meshes is O(1) by construction (measured: 0.9 after one step),
+not a sharding error. They are:
+  - the key part of each attention qkv bias: q . (k + b) shifts all of a query's logits by
+    q . b, which the softmax removes (every run, BatchNorm or not);
+  - with the head's BatchNorm on, the bias of each Dense feeding a BatchNorm (head mlp_0 and
+    mlp_1) and the backbone's final LayerNorm bias (it only feeds mlp_0): the BatchNorm
+    subtracts the batch mean, removing any constant shift.
+So the full equivalence (loss, student, teacher, memory; after 1 and 5 steps; four meshes) runs
+with head.use_bn=False, at 1e-5. A BatchNorm-on run on the (2, 2, 2) mesh must agree with 1 device
+on the loss at 1e-5 and on all other parameters at 1e-4, not 1e-5: the BatchNorm backward pass
+subtracts the batch mean of the incoming gradient, so some gradient entries are small
+differences with a larger relative rounding error, and Adam's first updates of zero-initialised
+biases (g / (|g| + eps)) pass that relative error on (measured: backbone fc1 bias 2.7e-5 after
+one step, every other parameter below 1e-5). The loss agreeing at 1e-5 shows that the head's
+BatchNorm uses global-batch statistics on a mesh: per-device statistics change the loss at step 1.
+
+S = 8 logical memory shards, global batch 16, K = 48 = 3 x batch: the memory is full after the
+third step, so modality gating is active in steps 4 and 5.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mermed_jax import hlo_stats, sharding, train_state, train_step
+from mermed_jax.config_lib import load_config_file
+from mermed_jax.ssl import memory as memory_lib
+from mermed_jax.ssl.loss import memory_cross_entropy
+from mermed_jax.ssl.schedules import build_schedules
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)
+ARGS = ("model.depth=1,crops.num_local=2,batch=16,memory=48,partition=16,shards=8,"
+        "crops.global_size=16,crops.local_size=8,model.img_size=16")
+STEPS = 5
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2)]
+RTOL = 1e-5
+BN_RTOL = 1e-4
+
+
+def _config(use_bn: bool):
+    return load_config_file(ROOT / "configs" / "demo_cpu.py", f"{ARGS},head.use_bn={use_bn}")
+
+
+def _batches(config) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    b, c = config.global_batch, config.crops
+    return [{
+        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
+        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
+        "modality": rng.integers(0, 3, b).astype(np.int32),
+    } for _ in range(STEPS)]
+
+
+def _train(config, mesh_shape, devices, steps=STEPS) -> list[tuple[dict, float]]:
+    """(state as NumPy, loss) after each step, on a mesh of `devices`."""
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    state, shardings = sharding.create_sharded(lambda: train_state.init_train_state(config, jax.random.key(0)), mesh)
+    step = train_step.jit_train_step(train_step.make_train_step(config, MEAN, STD, mesh=mesh), mesh, shardings)
+    schedules = build_schedules(config)
+    out = []
+    for i, batch in enumerate(_batches(config)[:steps]):
+        state, metrics = step(state, train_step.shard_batch(batch, mesh), jax.random.key(1), schedules.at(i + 3))
+        out.append((jax.tree.map(np.asarray, state), float(metrics["loss"]), float(metrics["gating_active"])))
+    return out
+
+
+# Parameters with identically zero gradient (see the docstring), by path suffix.
+BN_ZERO_GRADIENT = ("['backbone']['norm']['bias']", "['head']['mlp_0']['bias']", "['head']['mlp_1']['bias']")
+
+
+def _with_gradient(path: str, x: np.ndarray, use_bn: bool) -> np.ndarray | None:
+    """The part of a parameter whose gradient is not identically zero (None: no such part)."""
+    if path.endswith("['attn']['qkv']['bias']"):
+        return np.delete(x, 1, axis=0)  # [q|k|v, heads, head_dim]: drop the keys' bias
+    if use_bn and path.endswith(BN_ZERO_GRADIENT):
+        return None
+    return x
+
+
+def _relative_differences(a, b, use_bn: bool) -> dict[str, float]:
+    """Per leaf ||a - b|| / ||a||, over the entries with a real gradient."""
+    leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    leaves_b = jax.tree.leaves(b)
+    out = {}
+    for (path, x), y in zip(leaves_a, leaves_b):
+        name = jax.tree_util.keystr(path)
+        x, y = (_with_gradient(name, np.asarray(v, np.float64), use_bn) for v in (x, y))
+        if x is not None:
+            out[name] = float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30))
+    return out
+
+
+def _assert_states_close(ref_state, state, use_bn: bool, where, rtol: float = RTOL) -> None:
+    for part in ("params", "teacher_params", "memory"):
+        diffs = _relative_differences(getattr(ref_state, part), getattr(state, part), use_bn)
+        worst = max(diffs, key=diffs.get)
+        assert diffs[worst] <= rtol, (where, part, worst, diffs[worst])
+    np.testing.assert_array_equal(ref_state.memory.ids, state.memory.ids)
+    np.testing.assert_array_equal(ref_state.memory.ptr, state.memory.ptr)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    config = _config(use_bn=False)
+    return config, _train(config, (1, 1, 1), jax.devices()[:1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_mesh_equals_one_device(reference, mesh_shape):
+    config, ref = reference
+    got = _train(config, mesh_shape, jax.devices())
+    assert [g for _, _, g in ref] == [0.0, 0.0, 0.0, 1.0, 1.0]  # gating active in steps 4 and 5
+    for i in (0, STEPS - 1):  # after 1 and after 5 steps
+        (ref_state, ref_loss, _), (state, loss, _) = ref[i], got[i]
+        assert loss == pytest.approx(ref_loss, rel=RTOL)
+        _assert_states_close(ref_state, state, use_bn=False, where=(mesh_shape, i + 1))
+
+
+@pytest.mark.slow
+def test_batchnorm_on_agrees_except_zero_gradient_parameters():
+    config = _config(use_bn=True)
+    steps = 3
+    ref = _train(config, (1, 1, 1), jax.devices()[:1], steps)
+    got = _train(config, (2, 2, 2), jax.devices(), steps)
+    for i, ((ref_state, ref_loss, _), (state, loss, _)) in enumerate(zip(ref, got)):
+        assert loss == pytest.approx(ref_loss, rel=RTOL)
+        _assert_states_close(ref_state, state, use_bn=True, where=i + 1, rtol=BN_RTOL)
+
+
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_left_out_parameters_have_zero_gradient(use_bn):
+    config = _config(use_bn)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    state, _ = sharding.create_sharded(lambda: train_state.init_train_state(config, jax.random.key(0)), mesh)
+    loss_fn = train_step.make_loss_fn(config, MEAN, STD)
+    batch = jax.tree.map(jnp.asarray, _batches(config)[0])
+    partition = memory_lib.stratified_partition(jax.random.key(2), state.memory, config.memory.partition_size)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, state.teacher_params, state, batch, jax.random.key(0), partition,
+                                               build_schedules(config).at(3))[0]))(state.params)
+    total = float(optax.tree.norm(grads))
+    left_out = 0
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        name, g = jax.tree_util.keystr(path), np.asarray(g)
+        kept = _with_gradient(name, g, use_bn)
+        zero = np.sqrt(max(np.sum(g**2) - (0.0 if kept is None else np.sum(kept**2)), 0.0))
+        if kept is None or kept.size < g.size:
+            left_out += 1
+            assert zero <= 1e-6 * total, (name, zero, total)
+    assert left_out == 1 + 3 * use_bn  # depth 1: one qkv bias; with BatchNorm three more leaves
+
+
+def test_memory_ops_move_one_block_of_keys_at_a_time():
+    """Compiled on 8 devices: enqueue and partition move nothing; the loss and its gradient
+    all-gather each device's P/N keys and ids once per block and once more in the rematerialised
+    backward pass, i.e. 2 (K/N) (d + 1) words per device, never the queue; the only all-reduces
+    are the gating flag and the four psum'd sums. XLA left to itself (no mesh) moves 8x more."""
+    size, dim, shards, batch, part = 4096, 64, 8, 64, 512
+    mesh = sharding.make_mesh((8, 1, 1))
+    on_shards = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+    on_rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    memory = jax.device_put(memory_lib.init_memory(jax.random.key(0), size, dim, shards), on_shards)
+    student = jax.device_put(jnp.ones((4, batch, dim)), on_rows)
+    teacher = jax.device_put(jnp.ones((2, batch, dim)), on_rows)
+    modality = jax.device_put(jnp.zeros((batch,), jnp.int32), on_shards)
+
+    def collectives(mesh_arg):
+        def fn(student, memory, rng):
+            partition = memory_lib.stratified_partition(rng, memory, part, mesh_arg)
+            loss = lambda s: memory_cross_entropy(  # noqa: E731
+                s, teacher, memory, modality, partition, student_temp=0.1, teacher_temp=0.05,
+                gating=memory_lib.is_full(memory), mesh=mesh_arg)["loss"]
+            return jax.value_and_grad(loss)(student), memory_lib.enqueue(memory, teacher[1], modality, mesh_arg)
+
+        jitted = jax.jit(fn, out_shardings=((None, on_rows), on_shards))
+        return hlo_stats.collective_bytes(jitted.lower(student, memory, jax.random.key(1)).compile().as_text())
+
+    sharded = collectives(mesh)
+    assert sharded["all-gather"] == 2 * (size // 8) * (dim + 1) * 4
+    assert sharded["all-reduce"] == 4 * 4 + 1  # psum of the 4 sums (fp32) and the gating flag (pred)
+    assert sharded["reduce-scatter"] == sharded["all-to-all"] == sharded["collective-permute"] == 0
+    assert sum(collectives(None).values()) >= 7 * sum(sharded.values())
