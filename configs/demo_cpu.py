@@ -27,8 +27,8 @@ def get_config(arg: str | None = None):
     config.crops.update(dict(global_size=32, num_local=4, local_size=16))
     config.memory.update(dict(size=1024, partition_size=256, num_shards=8))
     config.loss.update(dict(warmup_teacher_temp_epochs=1))
-    config.optim.update(dict(base_lr=2e-3, warmup_epochs=1, layer_decay=1.0))
-    config.ema.update(dict(momentum=0.99))
+    config.optim.update(dict(base_lr=2e-2, warmup_epochs=1, layer_decay=1.0))
+    config.ema.update(dict(momentum=0.9))  # cosine 0.9 -> 1: the teacher follows within a short run
     # `make demo` writes these with `python -m data_pipelines.convert demo --out demo_data`.
     config.data.dirs = tuple(f"demo_data/demo_{m}" for m in MODALITIES)
     config.log_every_steps = 25
