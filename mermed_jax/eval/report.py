@@ -65,19 +65,21 @@ def _encoders(summary: list[dict]) -> list[str]:
 
 
 def markdown(summary: list[dict]) -> str:
-    """Per protocol and label fraction: one row per dataset, one column per encoder (AUROC [95% CI])."""
+    """Per protocol, feature and label fraction: one row per dataset, one column per encoder
+    (AUROC [95% CI]); the raw-pixel column is the same pixel probe in every table."""
     encoders = _encoders(summary)
-    by_key = {(s["encoder"], s["dataset"], s["protocol"], s["label_fraction"]): s for s in summary}
+    by_key = {(s["encoder"], s["dataset"], s["protocol"], s["feature"], s["label_fraction"]): s for s in summary}
     lines = []
-    settings = sorted({(s["protocol"], s["label_fraction"]) for s in summary}, key=lambda p: (p[0], float(p[1])))
+    settings = sorted({(s["protocol"], s["feature"], s["label_fraction"]) for s in summary if s["feature"] != "pixels"},
+                      key=lambda p: (p[0], p[1], float(p[2])))
     datasets = sorted({(MODALITIES.index(s["modality"]), s["dataset"]) for s in summary})
-    for protocol, fraction in settings:
-        features = sorted({s["feature"] for s in summary if s["protocol"] == protocol and s["encoder"] != "pixels"})
-        lines.append(f"\n### {protocol}, {float(fraction):.0%} of training labels (features: {', '.join(features) or 'pixels'})\n")
+    for protocol, feature, fraction in settings:
+        lines.append(f"\n### {protocol} on {feature} features, {float(fraction):.0%} of training labels\n")
         lines.append("| dataset | modality | n test | " + " | ".join(encoders) + " |")
         lines.append("|---|---|---|" + "---|" * len(encoders))
         for _, dataset in datasets:
-            cells = [by_key.get((e, dataset, protocol, fraction)) for e in encoders]
+            cells = [by_key.get((e, dataset, protocol, "pixels" if e.startswith("pixels") else feature, fraction))
+                     for e in encoders]
             first = next((c for c in cells if c is not None), None)
             if first is None:
                 continue
