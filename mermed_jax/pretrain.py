@@ -25,11 +25,8 @@ from ml_collections import config_flags
 from data_pipelines import pipeline, stats
 from mermed_jax import checkpointing, distributed, metrics, sharding, train_state, train_step
 from mermed_jax.config_validation import validate_config
+from mermed_jax.interop import importer
 from mermed_jax.ssl.schedules import build_schedules
-
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), with :args.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved config go.")
-
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many updates were skipped for non-finite loss or gradients."""
@@ -82,6 +79,9 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     if latest is None:
         state, _ = sharding.create_sharded(make_state, mesh)
         start_step = 0
+        if config.init_checkpoint:  # the official recipe starts from ImageNet DINO weights
+            state, _ = importer.initialize_from_pretrained(state, config)
+            state = jax.device_put(state, state_shardings)
     else:
         abstract = checkpointing.abstract_with_shardings(nn.unbox(abstract_boxed), state_shardings)
         restored = checkpointing.restore(manager, latest, abstract, data_iterator, meta)
@@ -184,5 +184,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so that evaluate.py's can coexist in tests.
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), with :args.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved config go.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -17,6 +17,7 @@ import pytest
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import checkpointing, pretrain, sharding, train_state
 from mermed_jax.config_lib import load_config_file
+from mermed_jax.interop.export import export_params
 from mermed_jax.modalities import MODALITIES
 from mermed_jax.ssl import schedules as schedules_lib
 
@@ -189,3 +190,28 @@ def test_non_finite_updates_are_skipped_then_stop_the_job(tmp_path, data_dirs, m
     state, _, _ = checkpointing.load_train_state(tmp_path)
     assert int(state.skipped_steps) == 1 and int(state.nonfinite_streak) == 0 and int(state.step) == 4
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_init_checkpoint_loads_into_student_and_teacher(tmp_path, data_dirs):
+    """config.init_checkpoint (timm-named safetensors here) replaces the random initialisation."""
+    config = load_config_file(ROOT / "configs" / "demo_cpu.py")
+    donor = train_state.init_train_state(config, jax.random.key(123))
+    weights = tmp_path / "donor.safetensors"
+    export_params(checkpointing.nn.unbox(donor.params)["backbone"], None,
+                  train_state.backbone_config(config, teacher=True), weights, "safetensors")
+    for key, value in _overrides(data_dirs, max_steps=1).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = ast.literal_eval(value) if isinstance(value, str) else value
+    config.model.depth = 2
+    config.init_checkpoint = str(weights)
+    pretrain.train(config, tmp_path / "run")
+    state, _, _ = checkpointing.load_train_state(tmp_path / "run")
+    expected = jax.tree.leaves(checkpointing.nn.unbox(donor.params)["backbone"])
+    for name, tree in (("student", state.params), ("teacher", state.teacher_params)):
+        got = jax.tree.leaves(tree["backbone"])
+        distance = sum(float(np.linalg.norm(np.asarray(a) - np.asarray(b))) for a, b in zip(got, expected))
+        scale = sum(float(np.linalg.norm(np.asarray(b))) for b in expected)
+        assert distance < 0.02 * scale, name  # one small step (and one EMA step) away from the donor
