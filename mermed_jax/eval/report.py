@@ -77,13 +77,19 @@ def markdown(summary: list[dict]) -> str:
         lines.append(f"\n### {protocol} on {feature} features, {float(fraction):.0%} of training labels\n")
         lines.append("| dataset | modality | n test | " + " | ".join(encoders) + " |")
         lines.append("|---|---|---|" + "---|" * len(encoders))
+        table = []
         for _, dataset in datasets:
             cells = [by_key.get((e, dataset, protocol, "pixels" if e.startswith("pixels") else feature, fraction))
                      for e in encoders]
             first = next((c for c in cells if c is not None), None)
             if first is None:
                 continue
+            table.append(cells)
             lines.append(f"| {dataset} | {first['modality']} | {first['n_test']} | " + " | ".join(map(_cell, cells)) + " |")
+        if len(table) > 1:  # unweighted mean over datasets, where an encoder has them all
+            means = [np.mean([row[i]["auroc"] for row in table]) if all(row[i] for row in table) else None
+                     for i in range(len(encoders))]
+            lines.append(f"| mean of {len(table)} | | | " + " | ".join("-" if m is None else f"{m:.3f}" for m in means) + " |")
     kinds = sorted({s["ci"] for s in summary})
     notes = sorted({n for s in summary for n in s["notes"].split(" | ") if n})
     lines.append(f"\nMacro one-vs-rest AUROC on the test split; 95% CI: {'; '.join(kinds)}.")
