@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-test.txt
 # The main job end to end on built-in synthetic data: shards for all seven modalities,
 # a few minutes of pretraining of a tiny ViT on the CPU, then a linear probe per modality.
 demo: $(STAMP)
-	$(PY) -m data_pipelines.convert demo --out $(DEMO_DATA) --images-per-modality 256 --size 64
+	$(PY) -m data_pipelines.convert demo --out $(DEMO_DATA) --images-per-modality 512 --size 64
 	$(PY) -m mermed_jax.pretrain --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR)
 	$(PY) -m mermed_jax.evaluate --config=configs/eval_demo.py --workdir=$(DEMO_WORKDIR)
 	@echo "TensorBoard logs: $(DEMO_WORKDIR)  (tensorboard --logdir $(DEMO_WORKDIR))"

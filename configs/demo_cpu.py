@@ -4,10 +4,14 @@ ViT of width 64 and depth 2 on 4-px patches, 2 x 32 px global + 4 x 16 px local 
 memory of 1,024 (full, so modality gating switches on, after 32 steps) in blocks of 256.
 A higher learning rate and a faster EMA suit a run of minutes.
 
-Command:
-  python -m data_pipelines.convert demo --out demo_data
+Command (what `make demo` runs):
+  python -m data_pipelines.convert demo --out demo_data --images-per-modality 512 --size 64
   python -m mermed_jax.pretrain --config=configs/demo_cpu.py --workdir=workdirs/demo
-Expected: a few minutes on a 2-core CPU; the probe AUROC beats the random network's.
+  python -m mermed_jax.evaluate --config=configs/eval_demo.py --workdir=workdirs/demo
+Expected: 600 steps in about 4-5 minutes on a 2-core CPU (shared), then linear-probe AUROC of the
+teacher above the random network's on all seven modalities; measured 2026-11-28: CT 0.895 vs
+0.786, CXR 0.933 vs 0.838, US 0.968 vs 0.827, pathology 0.973 vs 0.873, CFP 0.957 vs 0.927,
+OCT 0.928 vs 0.896, derm 0.861 vs 0.766 (52 test images each).
 """
 
 from mermed_jax import config_lib
@@ -18,7 +22,7 @@ def get_config(arg: str | None = None):
     config = config_lib.paper_recipe()
     config.global_batch = 32
     config.num_train_images = 32 * 50
-    config.epochs = 4
+    config.epochs = 12
     config.model.update(dict(
         variant="Ti/4", img_size=32, width=64, depth=2, num_heads=2, mlp_dim=128,
         dtype="float32", drop_path_rate=0.0,

@@ -97,7 +97,7 @@ def _oct(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     y, _ = _grid(t.shape[0])
     layers = 0.5 + 0.5 * np.sin(12 * y + rng.uniform(0, 2 * np.pi))
     retina = (np.abs(y - rng.uniform(-0.2, 0.2)) < 0.55).astype(np.float64)
-    return retina * (0.3 * layers + 0.6 * t)
+    return retina * (0.15 * layers + 0.75 * t)
 
 
 def _derm(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
