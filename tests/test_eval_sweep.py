@@ -138,3 +138,19 @@ def test_checkpoint_choice_and_watch(tmp_path, demo_root, workdir, capsys):
     rows = _read(tmp_path / "watch" / "results.csv")
     assert {r["encoder"] for r in rows} == {"step_000007"} and len(rows) == 2
     assert "step_000007" in capsys.readouterr().out
+
+
+def test_exported_encoder_gives_the_checkpoint_features(tmp_path, demo_root, workdir):
+    from mermed_jax.interop.export import export_params
+
+    teacher = encoders.from_checkpoint(workdir, 7)
+    export_params(teacher.params, None, teacher.config, tmp_path / "teacher.msgpack", "msgpack",
+                  pixel_mean=teacher.pixel_mean, pixel_std=teacher.pixel_std)
+    exported = encoders.from_export(tmp_path / "teacher.msgpack")
+    assert exported.tag == "export_teacher" and exported.config == teacher.config
+    config = _config(demo_root)
+    dataset = sweep.describe("demo_ct", str(demo_root / "demo_ct"))
+    mesh = sharding.make_mesh((-1, 1, 1))
+    a = sweep.feature_splits(config, dataset, teacher, tmp_path / "a", mesh)["test"]
+    b = sweep.feature_splits(config, dataset, exported, tmp_path / "b", mesh)["test"]
+    np.testing.assert_allclose(a.features["cls"], b.features["cls"], atol=1e-6)
