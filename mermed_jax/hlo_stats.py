@@ -4,7 +4,8 @@ XLA's cost analysis does not count loops, so this walks the optimised HLO itself
 computation's execution count is the product of the trip counts of the while loops around it
 (`known_trip_count` in the loop's backend config; a layer scan, a micro-batch scan or the
 memory loss's block scan), and each collective's operand bytes are multiplied by it.
-Asynchronous pairs count once (the -start op); `-done` ops move nothing new.
+Asynchronous pairs count once (the -start op); `-done` ops move nothing new. Collectives over
+groups of one device (a mesh axis of size 1 under shard_map) move nothing and are skipped.
 """
 
 import collections
@@ -21,6 +22,9 @@ _OPERAND_NAME = re.compile(r"%([\w.\-]+)")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _CALLEES = re.compile(r"\b(?:body|condition|to_apply|calls|branch_computations|called_computations)="
                       r"(?:\{([^}]*)\}|(%?[\w.\-]+))")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -50,6 +54,18 @@ def _parse(rhs: str) -> tuple[str, str, str]:
     if paren < 0:
         return rhs[:type_end], rest, ""
     return rhs[:type_end], rest[:paren], rest[paren + 1:_closing(rest, paren)]
+
+
+def _group_size(line: str) -> int | None:
+    """Devices per replica group of a collective, when the HLO says (None: all devices)."""
+    if match := _GROUPS_LIST.search(line):
+        return len(match.group(1).split(","))
+    if match := _GROUPS_IOTA.search(line):
+        return int(match.group(1))
+    if match := _GROUPS_MESH.search(line):
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", match.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", match.group(2)))
+    return None
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
@@ -92,18 +108,18 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                 ready.append(callee)
 
     types: dict[str, str] = {}
-    ops: list[tuple[str, str, str]] = []  # (computation, op, operands)
+    ops: list[tuple[str, str, str, str]] = []  # (computation, op, operands, line)
     for name, lines in computations.items():
         for line in lines:
             match = _INSTRUCTION.match(line)
             if match:
                 type_, op, operands = _parse(match.group(2))
                 types[match.group(1)] = type_
-                ops.append((name, op, operands))
+                ops.append((name, op, operands, line))
     out = dict.fromkeys(COLLECTIVES, 0)
-    for name, op, operands in ops:
+    for name, op, operands, line in ops:
         op = op.removesuffix("-start")
-        if op in COLLECTIVES:
+        if op in COLLECTIVES and _group_size(line) != 1:
             operand_bytes = sum(_array_bytes(types.get(o, "")) for o in _OPERAND_NAME.findall(operands))
             out[op] += counts[name] * operand_bytes
     return out

@@ -30,3 +30,9 @@ def test_counts_collectives_inside_nested_loops():
     assert got["all-reduce"] == 5 * 3 * 400
     assert got["all-gather"] == 5 * 400
     assert got["reduce-scatter"] == got["all-to-all"] == got["collective-permute"] == 0
+
+
+def test_collectives_over_one_device_are_not_counted():
+    mesh = jax.make_mesh((1,), ("i",))
+    got = hlo_stats.collective_bytes(_compiled(lambda x: x + jax.lax.psum(x, "i"), jnp.ones((1, 100)), mesh))
+    assert sum(got.values()) == 0
