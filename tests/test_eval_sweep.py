@@ -3,6 +3,7 @@ network and raw pixels x 2 datasets x 2 label fractions x 2 seeds x (linear, kNN
 partial sweep, the report, and the 70/15/15 split of a dataset that has no splits of its own."""
 
 import csv
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -154,3 +155,17 @@ def test_exported_encoder_gives_the_checkpoint_features(tmp_path, demo_root, wor
     a = sweep.feature_splits(config, dataset, teacher, tmp_path / "a", mesh)["test"]
     b = sweep.feature_splits(config, dataset, exported, tmp_path / "b", mesh)["test"]
     np.testing.assert_allclose(a.features["cls"], b.features["cls"], atol=1e-6)
+
+
+def test_feature_cache_is_keyed_by_the_weights(tmp_path, demo_root, workdir):
+    from mermed_jax.eval.features import cached_features
+
+    teacher = encoders.from_checkpoint(workdir, 7)
+    data = sweep._eval_config(_config(demo_root), str(demo_root / "demo_ct"), "test", 16, 1.0)
+    mesh = sharding.make_mesh((-1, 1, 1))
+    first = cached_features(tmp_path, teacher, "demo_ct", data, mesh)
+    np.testing.assert_array_equal(cached_features(tmp_path, teacher, "demo_ct", data, mesh).features["cls"],
+                                  first.features["cls"])
+    # Same tag (a rerun pretraining reaches step 7 again), other weights: recomputed, not reused.
+    other = dataclasses.replace(teacher, params=jax.tree.map(lambda x: x * 1.5, teacher.params))
+    assert not np.allclose(cached_features(tmp_path, other, "demo_ct", data, mesh).features["cls"], first.features["cls"])

@@ -5,13 +5,15 @@ disk per encoder, dataset and split.
 Probes run many times over one extraction (C grids, label fractions, seeds), so features are
 computed once: EVAL_DIR/features/<encoder tag>/<dataset>/<split>.npz. The file records what it was
 computed from (dataset, split, record count, image size and crop); a cache that does not match is
-recomputed rather than trusted.
+recomputed rather than trusted (weights are part of what it records: a rerun pretraining reuses
+step numbers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import pathlib
@@ -120,10 +122,19 @@ def load_images(data: eval_pipeline.EvalConfig) -> FeatureSet:
                       rows["modality"].astype(np.int32))
 
 
+def _weights_digest(leaves: tuple[np.ndarray, ...]) -> str:
+    digest = hashlib.sha256()
+    for leaf in leaves:
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _fingerprint(encoder: Encoder, data: eval_pipeline.EvalConfig, pixel_size: int) -> str:
+    """What the features depend on, weights included (a rerun pretraining reuses step numbers)."""
     manifest = records.load_manifest(data.dirs[0])
+    leaves = tuple(np.asarray(x) for x in jax.tree.leaves(encoder.params))
     return json.dumps(dict(
-        encoder=encoder.tag, dataset=str(manifest.directory), split=data.split,
+        encoder=encoder.tag, weights=_weights_digest(leaves) if leaves else None, dataset=str(manifest.directory), split=data.split,
         records=manifest.splits[data.split].num_records if data.split in manifest.splits else None,
         image_size=data.image_size, crop_fraction=data.crop_fraction,
         pixel_size=pixel_size if encoder.kind == PIXELS else None,
