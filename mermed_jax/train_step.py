@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from mermed_jax import sharding as sharding_lib
 from mermed_jax.modalities import MODALITIES
+from mermed_jax.preprocess import normalize_images
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.ema import ema_update
 from mermed_jax.ssl.loss import koleo_loss, memory_cross_entropy
@@ -33,10 +34,7 @@ Metrics = dict[str, jnp.ndarray]
 
 def normalize_crops(crops: jnp.ndarray, modality: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray) -> jnp.ndarray:
     """uint8 [B, n, H, W, 3] -> float32 [n, B, H, W, 3], normalised with the row's modality stats."""
-    x = crops.astype(jnp.float32) / 255.0
-    m = mean[modality][:, None, None, None, :]
-    s = std[modality][:, None, None, None, :]
-    return jnp.swapaxes((x - m) / s, 0, 1)
+    return jnp.swapaxes(normalize_images(crops, modality, mean, std), 0, 1)
 
 
 def _embedding_std(embeddings: jnp.ndarray) -> jnp.ndarray:

@@ -122,5 +122,14 @@ def test_gradient_accumulation_equals_one_large_step_without_batchnorm():
     (one, loss_one), (four, loss_four) = results
     assert loss_one == pytest.approx(loss_four, rel=1e-5)
     np.testing.assert_array_equal(one.memory.ids, four.memory.ids)
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
-        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a) + 1e-6
+    # Summation order differs (4 partial gradients vs one), so compare with fp32 tolerances; the
+    # Adam moments of tiny-gradient tensors are the most sensitive. The key bias (qkv bias [1]) has
+    # an identically zero gradient (softmax ignores a per-query constant), so Adam turns rounding
+    # noise into +-lr steps there: it is left out.
+    leaves_four = jax.tree.leaves(four)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), leaves_four):
+        name = jax.tree_util.keystr(path)
+        if "qkv']['bias" in name:
+            a, b = np.delete(a, 1, axis=0), np.delete(b, 1, axis=0)
+        tolerance = 1e-2 if "opt_state" in name else 1e-4
+        assert np.linalg.norm(a - b) <= tolerance * np.linalg.norm(a) + 1e-6, name

@@ -22,13 +22,15 @@ from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import Tree, unflatten
 from mermed_jax.modalities import MODALITIES, modality_id
 from mermed_jax.models.vit import ViT, ViTConfig
+from mermed_jax.preprocess import normalize_images
 
 POOLS = ("cls", "patch_mean", "patch_mean_prenorm")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "pool"))
-def _embed(config: ViTConfig, pool: str, params: Tree, images: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray) -> jnp.ndarray:
-    x = (images - mean[:, None, None, :]) / std[:, None, None, :]
+def _embed(config: ViTConfig, pool: str, params: Tree, images: jnp.ndarray, modality: jnp.ndarray,
+           mean: jnp.ndarray, std: jnp.ndarray) -> jnp.ndarray:
+    x = normalize_images(images, modality, mean, std)
     return ViT(config).apply({"params": params}, x, train=False)[pool]
 
 
@@ -50,17 +52,13 @@ class Encoder:
             raise ValueError(f"images: expected [B, H, W, 3], got shape {images.shape}")
         if pool not in POOLS:
             raise ValueError(f"pool={pool!r}: expected one of {POOLS}")
-        if images.dtype == np.uint8:
-            pixels = images.astype(np.float32) / 255.0
-        elif np.issubdtype(images.dtype, np.floating):
-            pixels = images.astype(np.float32)
-        else:
+        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
             raise ValueError(f"images: expected uint8 or float pixels, got {images.dtype}")
         names = [modality] * len(images) if isinstance(modality, str) else list(modality)
         if len(names) != len(images):
             raise ValueError(f"modality: {len(names)} names for {len(images)} images")
         ids = np.array([modality_id(name) for name in names])
-        out = _embed(self.config, pool, self.params, pixels, self.pixel_mean[ids], self.pixel_std[ids])
+        out = _embed(self.config, pool, self.params, images, ids, self.pixel_mean, self.pixel_std)
         return np.asarray(out)
 
 
