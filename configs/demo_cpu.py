@@ -37,4 +37,5 @@ def get_config(arg: str | None = None):
     config.data.dirs = tuple(f"demo_data/demo_{m}" for m in MODALITIES)
     config.log_every_steps = 25
     config.checkpoint.every_steps = 100
+    config.profile.every_steps = 0
     return config_lib.finalize(config_lib.apply_arguments(config, arg))

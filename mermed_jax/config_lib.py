@@ -71,7 +71,7 @@ def paper_recipe() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=1000, keep=3, keep_period=config_dict.placeholder(int), async_save=True,
     ))
-    c.profile = ml_collections.ConfigDict(dict(every_steps=0, num_steps=5))
+    c.profile = ml_collections.ConfigDict(dict(every_steps=5000, num_steps=5))  # 0: never
     # Peak FLOP/s per device for MFU; None: from the device kind (mermed_jax.metrics).
     c.peak_tflops_per_device = config_dict.placeholder(float)
     # The official code starts student and teacher from ImageNet DINO ViT-B/16.
