@@ -108,7 +108,8 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     hooks = [periodic_actions.ReportProgress(num_train_steps=stop_at, writer=writer, every_steps=config.log_every_steps)]
     if config.profile.every_steps and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile.num_steps,
-                                              every_steps=config.profile.every_steps, first_profile=config.profile.every_steps))
+                                              every_steps=config.profile.every_steps, first_profile=config.profile.every_steps,
+                                              profile_duration_ms=None))
     bar = _progress_bar(stop_at, start_step)
     last_logged: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
