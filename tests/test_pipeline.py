@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 
-import cv2
 import jax
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines import eval_pipeline, manifest, record_source, records, sampler, stats
 from data_pipelines.augment import MultiCropConfig
 from data_pipelines.pipeline import TrainConfig, to_global, train_iterator
-from mermed_jax.modalities import MODALITIES, NUM_MODALITIES, modality_id
+from mermed_jax.modalities import NUM_MODALITIES, modality_id
 
 TINY = MultiCropConfig(global_size=16, local_size=8, num_local=2)
 

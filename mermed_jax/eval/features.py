@@ -20,7 +20,6 @@ import pathlib
 
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -28,6 +27,7 @@ from data_pipelines import eval_pipeline, pipeline, records
 from mermed_jax import sharding
 from mermed_jax.eval.encoders import PIXELS, Encoder
 from mermed_jax.models.vit import ViT, ViTConfig
+from mermed_jax.preprocess import normalize_images
 
 NETWORK_FEATURES = ("cls", "patch_mean")
 
@@ -46,9 +46,7 @@ def _forward(config: ViTConfig, mesh: jax.sharding.Mesh):
     batch, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def forward(params, image, modality, mean, std):
-        x = image.astype(jnp.float32) / 255.0
-        x = (x - mean[modality][:, None, None, :]) / std[modality][:, None, None, :]
-        out = model.apply({"params": params}, x, train=False)
+        out = model.apply({"params": params}, normalize_images(image, modality, mean, std), train=False)
         return {k: out[k] for k in NETWORK_FEATURES}
 
     return jax.jit(forward, in_shardings=(repl, batch, batch, repl, repl), out_shardings=batch)
@@ -57,7 +55,7 @@ def _forward(config: ViTConfig, mesh: jax.sharding.Mesh):
 def _pixel_features(images: np.ndarray, modality: np.ndarray, encoder: Encoder, size: int) -> np.ndarray:
     """Area-downsampled images, normalised per modality, flattened: the raw-pixel baseline."""
     small = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
-    x = (small.astype(np.float32) / 255.0 - encoder.pixel_mean[modality][:, None, None]) / encoder.pixel_std[modality][:, None, None]
+    x = np.asarray(normalize_images(small, modality, encoder.pixel_mean, encoder.pixel_std))
     return x.reshape(len(x), -1)
 
 
