@@ -91,18 +91,42 @@ def create_sharded(init_fn: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
     return tree, shardings
 
 
+class _DenseGeneralPartitioned(nn.LogicallyPartitioned):
+    """A logically partitioned DenseGeneral kernel or bias.
+
+    flax's DenseGeneral initialises its kernel (and bias) flattened and unboxes it before reshaping,
+    which applies the full-rank partitioning to the flat value and fails under a mesh; this box
+    skips the constraint while the ranks differ (the reshaped value is constrained as usual).
+    """
+
+    def unbox(self, apply_constraint: bool = True) -> Any:
+        if np.ndim(self.value) != len(self.names):
+            return self.value
+        return super().unbox(apply_constraint)
+
+
+def dense_general_partitioning(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    """nn.with_logical_partitioning for DenseGeneral parameters (see _DenseGeneralPartitioned)."""
+
+    def boxed(*args: Any, **kwargs: Any) -> _DenseGeneralPartitioned:
+        return _DenseGeneralPartitioned(init(*args, **kwargs), names)
+
+    return boxed
+
+
 @contextlib.contextmanager
 def axis_rules_context(mesh: Mesh) -> Iterator[None]:
     """The context under which modules' logical constraints resolve to this mesh.
 
-    This is the legacy `with mesh:` context: under jax.set_mesh, flax 0.12's boxed DenseGeneral
-    kernels get a constraint of the wrong rank at apply time.
+    flax 0.12 emits logical constraints (the `act_*` activation shardings) only under an
+    abstract mesh, so that is set as well as the legacy `with mesh:`. Without the constraints XLA
+    keeps scanned layers' activations replicated and all-reduces them in every matmul under FSDP.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`with mesh:` context manager has been deprecated", DeprecationWarning)
         mesh.__enter__()
     try:
-        with nn.logical_axis_rules(LOGICAL_RULES):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
             yield
     finally:
         mesh.__exit__(None, None, None)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mermed_jax.models.pos_embed import resize_pos_embed_grid
+from mermed_jax.sharding import dense_general_partitioning
 
 Dtype = Any
 
@@ -96,15 +97,15 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
         qkv = nn.DenseGeneral(
             (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
-            kernel_init=nn.with_logical_partitioning(_dense_init, ("embed", None, "heads", "kv")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+            kernel_init=dense_general_partitioning(_dense_init, ("embed", None, "heads", "kv")),
+            bias_init=dense_general_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
         return nn.DenseGeneral(
             width, axis=(-2, -1), dtype=self.dtype, name="proj",
-            kernel_init=nn.with_logical_partitioning(_dense_init, ("heads", "kv", "embed")),
+            kernel_init=dense_general_partitioning(_dense_init, ("heads", "kv", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         )(out)
 
