@@ -18,7 +18,7 @@ subtracts the batch mean of the incoming gradient, so some gradient entries are 
 differences with a larger relative rounding error, and Adam's first updates of zero-initialised
 biases (g / (|g| + eps)) pass that relative error on (measured: backbone fc1 bias 2.7e-5 after
 one step, every other parameter below 1e-5). The loss agreeing at 1e-5 shows that the head's
-BatchNorm uses global-batch statistics on a mesh: per-device statistics change the loss at step 1.
+BatchNorm uses global-batch statistics on a mesh: per-device statistics would change it at step 1.
 
 S = 8 logical memory shards, global batch 16, K = 48 = 3 x batch: the memory is full after the
 third step, so modality gating is active in steps 4 and 5.
