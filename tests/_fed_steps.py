@@ -1,0 +1,60 @@
+"""Train steps on global arrays built here, not read from files: run once as 1 process with 8
+devices and once as 2 processes x 4 devices (launch/local_multiprocess.sh), and compare.
+
+  python -m tests._fed_steps OUT.npz    (MERMED_* variables as local_multiprocess.sh sets them)
+
+Every process builds the same global batches from one seed and hands make_array_from_process_local_data
+the rows of its own devices. Process 0 writes the losses and the whole state (gathered to host) to OUT.
+"""
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mermed_jax import distributed, sharding, train_state, train_step
+from mermed_jax.config_lib import load_config_file
+from mermed_jax.ssl.schedules import build_schedules
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ("model.depth=1,crops.num_local=2,batch=16,memory=48,partition=16,shards=8,head.use_bn=False,"
+        "crops.global_size=16,crops.local_size=8,model.img_size=16")
+STEPS = 5
+MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)
+
+
+def global_batches(config) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    b, c = config.global_batch, config.crops
+    return [{
+        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
+        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
+        "modality": rng.integers(0, 3, b).astype(np.int32),
+    } for _ in range(STEPS)]
+
+
+def main(out: str) -> None:
+    distributed.initialize()
+    config = load_config_file(ROOT / "configs" / "demo_cpu.py", ARGS)
+    mesh = sharding.make_mesh((2, 4, 1))
+    state, shardings = sharding.create_sharded(lambda: train_state.init_train_state(config, jax.random.key(0)), mesh)
+    step = train_step.jit_train_step(train_step.make_train_step(config, MEAN, STD, mesh=mesh), mesh, shardings)
+    schedules = build_schedules(config)
+    rows = config.global_batch // jax.process_count()
+    start = jax.process_index() * rows  # jax.devices() lists process 0's devices first
+    losses = []
+    for i, batch in enumerate(global_batches(config)):
+        local = {k: v[start:start + rows] for k, v in batch.items()}
+        state, metrics = step(state, train_step.shard_batch(local, mesh), jax.random.key(1), schedules.at(i + 3))
+        losses.append(float(metrics["loss"]))
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+    leaves = multihost_utils.process_allgather(list(leaves), tiled=True)
+    if jax.process_index() == 0:
+        names = [jax.tree_util.keystr(p) for p in paths]
+        np.savez(out, losses=np.asarray(losses), **{name: np.asarray(x) for name, x in zip(names, leaves)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
