@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# ViT-B/16 MerMED-FM train step on one lent GPU (H200): images/s, MFU, peak memory (issue 7).
+#
+# The device image has Python 3.12 with jax (CUDA), flax, optax, orbax, absl-py and PyYAML, but no
+# ml_collections (needed by mermed_jax.config_lib / train_state / train_step), grain, clu or
+# tensorflow. bench/train_step.py needs none of grain/clu/tensorflow (it loads mermed_jax.metrics
+# with a clu stand-in), so only ml_collections travels, as a wheel in .whl/ (git-ignored).
+#
+# Prepare here, once (from the repo root):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform any -d .whl ml_collections==1.1.0
+# Run through the device tool with carry [".whl"] and a timeout of about 540 s:
+#   bash bench/gpu.sh
+# Budget: compile ~1-2 min, 1 warm-up + 10 timed steps of ~0.3-0.5 s, parts, two matmul peaks; well
+# under 8 minutes. Results: stdout and $OUT/gpu_train_step*.json (when $OUT is set).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+out=${OUT:-/tmp}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+python3 -c 'import jax, flax, optax, ml_collections; print("jax", jax.__version__, jax.devices())'
+# XLA on GPU preallocates 75% by default; peak_bytes_in_use is measured either way.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+timeout 330 python3 bench/train_step.py --variant B/16 --batch 128 --dtype bfloat16 --steps 10 --parts \
+  --peak-size 8192 --json "$out/gpu_train_step_b16_bs128.json"
+# If time is left: the same without the parts at ViT-S/16 (cheap, a second point on the curve).
+timeout 150 python3 bench/train_step.py --variant S/16 --batch 128 --dtype bfloat16 --steps 10 \
+  --peak-size 8192 --json "$out/gpu_train_step_s16_bs128.json" || echo "ViT-S/16 run skipped or timed out"
