@@ -299,6 +299,24 @@ def time_mode(args, batch, dtype, compile_backbone):
             "loss": loss}
 
 
+def write_loss_check(path, n_s=12, n_t=2, b=14, d=256, k=4096, block=1024, seed=0):
+    """Random unit embeddings, a half-full-modality queue and a partition; the loss with and without gating."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
+    student, teacher = unit(torch.randn(n_s, b, d, generator=g)), unit(torch.randn(n_t, b, d, generator=g))
+    queue = unit(torch.randn(k, d, generator=g))
+    ids = torch.randint(0, NUM_MODALITIES, (k,), generator=g)
+    modality = torch.arange(b) % NUM_MODALITIES
+    partition = torch.randperm(k, generator=g).reshape(k // block, block)
+    out = {name: t.numpy() for name, t in dict(student=student, teacher=teacher, queue=queue, ids=ids,
+                                               modality=modality, partition=partition).items()}
+    for gating in (True, False):
+        out[f"loss_gating_{gating}"] = np.float64(memory_loss(student.double(), teacher.double(), queue.double(), ids,
+                                                              modality, partition, 0.1, 0.07, gating))
+    np.savez(path, **out)
+    print({k: float(v) for k, v in out.items() if k.startswith("loss")})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--variant", default="S/16")
@@ -312,8 +330,12 @@ def main(argv=None):
     p.add_argument("--jax-dtype", default="bfloat16")
     p.add_argument("--jax-parts", action="store_true", help="pass --parts to the JAX run (its per-part breakdown)")
     p.add_argument("--json", default=None)
+    p.add_argument("--check-loss", default=None, metavar="NPZ",
+                   help="only write random loss inputs and this loss to NPZ (bench/train_step.py --check-loss-npz compares)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.check_loss:
+        return write_loss_check(args.check_loss)
 
     rng = np.random.default_rng(0)
     b = args.batch

@@ -223,6 +223,23 @@ def _peak_memory(compiled) -> dict[str, float]:
     return out
 
 
+def check_loss(path: str) -> dict:
+    """Our memory loss on the PyTorch reference's inputs (fp32 here, fp64 there)."""
+    z = np.load(path)
+    k, d = z["queue"].shape
+    memory = memory_lib.MemoryState(queue=jnp.asarray(z["queue"]).reshape(1, k, d),
+                                    ids=jnp.asarray(z["ids"], jnp.int32).reshape(1, k), ptr=jnp.zeros((1,), jnp.int32))
+    out = {}
+    for gating in (True, False):
+        ours = float(memory_cross_entropy(jnp.asarray(z["student"]), jnp.asarray(z["teacher"]), memory,
+                                          jnp.asarray(z["modality"], jnp.int32), jnp.asarray(z["partition"], jnp.int32),
+                                          student_temp=0.1, teacher_temp=0.07, gating=jnp.asarray(gating))["loss"])
+        ref = float(z[f"loss_gating_{gating}"])
+        out[f"gating_{gating}"] = {"jax": ours, "torch_fp64": ref, "rel_diff": abs(ours - ref) / abs(ref)}
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="S/16")
@@ -241,7 +258,12 @@ def main(argv=None) -> dict:
     p.add_argument("--best-peak-gflops", type=float, default=0.0,
                    help="also quote MFU against this per-device peak (e.g. torch oneDNN bf16)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--check-loss-npz", default=None,
+                   help="only compare memory_cross_entropy with the PyTorch reference's loss on the inputs in this file "
+                        "(written by bench/torch_reference.py --check-loss)")
     args = p.parse_args(argv)
+    if args.check_loss_npz:
+        return check_loss(args.check_loss_npz)
 
     metrics = _import_flop_counts()
     backend = jax.default_backend()
