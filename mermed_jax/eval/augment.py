@@ -104,6 +104,7 @@ def _apply_op(index: jnp.ndarray, image: jnp.ndarray, level: jnp.ndarray, sign: 
     shear = 0.3 * level * sign
     shift = 0.45 * level * sign
     identity, zero = jnp.eye(2), jnp.zeros(2)
+    dropped = 2.0 ** (4 + jnp.floor(4 * level))
     ops = [
         autocontrast,
         equalize,
@@ -112,7 +113,7 @@ def _apply_op(index: jnp.ndarray, image: jnp.ndarray, level: jnp.ndarray, sign: 
         lambda x: _blend(x, jnp.full_like(x, _grey(x).mean()), enhance),  # contrast
         lambda x: _blend(x, jnp.broadcast_to(_grey(x), x.shape), enhance),  # color
         lambda x: jnp.where(x >= 1.0 - level, 1.0 - x, x),  # solarize (increasing: lower threshold)
-        lambda x: jnp.floor(x * 255.0 / 2 ** jnp.round(4 * level)) * 2 ** jnp.round(4 * level) / 255.0,  # posterize
+        lambda x: jnp.floor(x * 255.0 / dropped) * dropped / 255.0,  # posterize: timm keeps 4 - int(4 level) bits
         lambda x: jnp.where(x < FILL, jnp.minimum(x + 110.0 / 255.0 * level, 1.0), x),  # solarize-add
         lambda x: sharpness(x, enhance),
         lambda x: rotate(x, 30.0 * level * sign),
