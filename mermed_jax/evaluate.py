@@ -32,13 +32,6 @@ from mermed_jax.eval import encoders as encoders_lib
 from mermed_jax.eval import report, sweep
 from mermed_jax.eval.config import validate
 
-config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval_*.py), with :args.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir whose checkpoints are evaluated.")
-_EXPORT = flags.DEFINE_string("export", None, "Evaluate an exported encoder file instead of checkpoints.")
-_EVAL_DIR = flags.DEFINE_string("eval_dir", None, "Where results go (default WORKDIR/eval/<config.name>).")
-_STEP = flags.DEFINE_integer("step", None, "Evaluate this checkpoint step (overrides config.checkpoints).")
-_WATCH = flags.DEFINE_bool("watch", False, "Evaluate every new checkpoint as training writes it.")
-
 
 def _checkpoint_steps(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> list[int]:
     available = encoders_lib.checkpoint_steps(workdir)
@@ -98,11 +91,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
     validate(config)
-    workdir, export = _WORKDIR.value, _EXPORT.value
+    workdir, export = flags.FLAGS.workdir, flags.FLAGS.export
     if (workdir is None) == (export is None):
         raise app.UsageError("give exactly one of --workdir (checkpoints) or --export (an exported file)")
-    if _EVAL_DIR.value:
-        eval_dir = pathlib.Path(_EVAL_DIR.value)
+    if flags.FLAGS.eval_dir:
+        eval_dir = pathlib.Path(flags.FLAGS.eval_dir)
     elif workdir:
         eval_dir = pathlib.Path(workdir) / "eval" / config.name
     else:
@@ -110,10 +103,10 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     if export:
         print(evaluate(config, [encoders_lib.from_export(export)], eval_dir))
-    elif _WATCH.value:
+    elif flags.FLAGS.watch:
         watch(config, workdir, eval_dir)
     else:
-        steps = _checkpoint_steps(config, workdir, _STEP.value)
+        steps = _checkpoint_steps(config, workdir, flags.FLAGS.step)
         encoders = [encoders_lib.from_checkpoint(workdir, s, config.normalization) for s in steps]
         print(evaluate(config, encoders, eval_dir))
     if jax.process_index() == 0:
@@ -121,4 +114,11 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so the CLIs can be imported together (tests).
+    config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval_*.py), with :args.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Pretraining workdir whose checkpoints are evaluated.")
+    flags.DEFINE_string("export", None, "Evaluate an exported encoder file instead of checkpoints.")
+    flags.DEFINE_string("eval_dir", None, "Where results go (default WORKDIR/eval/<config.name>).")
+    flags.DEFINE_integer("step", None, "Evaluate this checkpoint step (overrides config.checkpoints).")
+    flags.DEFINE_bool("watch", False, "Evaluate every new checkpoint as training writes it.")
     app.run(main)

@@ -29,12 +29,6 @@ from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.vit import ViTConfig
 from mermed_jax.train_state import backbone_config
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Weights to export (.msgpack, .safetensors, .pth).", required=True)
-_FORMAT = flags.DEFINE_enum("format", "safetensors", sorted(FORMATS), "Output format.")
-_OUT = flags.DEFINE_string("out", None, "Output weights file; its config JSON is written beside it.", required=True)
-_WITH_HEAD = flags.DEFINE_bool("with_head", False, "Also export the projection head (DINO names in safetensors/pth).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config that defines the architecture.")
-
 
 def _configs_from_json(checkpoint: pathlib.Path) -> tuple[ViTConfig, HeadConfig | None, dict | None]:
     meta_path = config_path(checkpoint)
@@ -76,9 +70,15 @@ def export_checkpoint(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    json_path = export_checkpoint(_CHECKPOINT.value, _OUT.value, _FORMAT.value, _CONFIG.value, _WITH_HEAD.value)
-    print(f"wrote {_OUT.value} and {json_path}")
+    json_path = export_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.out, flags.FLAGS.format, flags.FLAGS.config, flags.FLAGS.with_head)
+    print(f"wrote {flags.FLAGS.out} and {json_path}")
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so the CLIs can be imported together (tests).
+    flags.DEFINE_string("checkpoint", None, "Weights to export (.msgpack, .safetensors, .pth).", required=True)
+    flags.DEFINE_enum("format", "safetensors", sorted(FORMATS), "Output format.")
+    flags.DEFINE_string("out", None, "Output weights file; its config JSON is written beside it.", required=True)
+    flags.DEFINE_bool("with_head", False, "Also export the projection head (DINO names in safetensors/pth).")
+    config_flags.DEFINE_config_file("config", None, "Pretraining config that defines the architecture.")
     app.run(main)

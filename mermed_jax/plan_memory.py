@@ -31,11 +31,6 @@ from mermed_jax.config_validation import validate_config
 from mermed_jax.modalities import NUM_MODALITIES
 from mermed_jax.ssl.schedules import build_schedules
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), with :args.", lock_config=False)
-flags.DEFINE_integer("devices", 8, "Simulated devices to plan for.")
-flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (-1: auto); default: the config's mesh.shape.")
-flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-
 
 def _device_bytes(tree: Any, shardings: Any) -> int:
     """Bytes of `tree` (ShapeDtypeStructs) that one device holds under `shardings` (the largest)."""
@@ -131,5 +126,10 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so the CLIs can be imported together (tests).
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), with :args.", lock_config=False)
+    flags.DEFINE_integer("devices", 8, "Simulated devices to plan for.")
+    flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (-1: auto); default: the config's mesh.shape.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.mark_flags_as_required(["config"])
     app.run(main)
