@@ -47,6 +47,14 @@ def _all_finite(tree: Any) -> jnp.ndarray:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _pool_loss_by_modality(loss: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
+    """[micro, M] per-micro-batch modality losses -> [M], each micro-batch weighted by its rows of
+    that modality; NaN for a modality absent from the whole batch (a 0 would read as a perfect fit)."""
+    total_rows = jnp.sum(rows, axis=0)
+    weighted = jnp.sum(jnp.where(rows > 0, loss * rows, 0.0), axis=0)
+    return jnp.where(total_rows > 0, weighted / jnp.maximum(total_rows, 1.0), jnp.nan)
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pixel_std: jnp.ndarray,
                  mesh: Mesh | None = None) -> Callable:
     """loss(params, teacher_params, state, batch, dropout_rng, partition, hparams) -> (loss, aux).
@@ -166,6 +174,8 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
             (micro_batches, jnp.arange(num_micro)),
         )
         grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
+        loss_by_modality = _pool_loss_by_modality(micro_metrics.pop("loss_by_modality"),
+                                                  micro_metrics.pop("rows_by_modality"))
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), micro_metrics)
         updates, new_opt_state = optimizer.update(
             grads, state.opt_state, state.params,
@@ -203,6 +213,7 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
             "student_temp": jnp.float32(student_temp),
             **{k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()},
             **{f"memory_fill/{name}": fill[i] for i, name in enumerate(MODALITIES)},
+            **{f"memory_loss/{name}": loss_by_modality[i] for i, name in enumerate(MODALITIES)},
             "memory_fill/empty": fill[-1],
         }
         return new_state, metrics

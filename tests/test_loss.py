@@ -139,3 +139,20 @@ def test_koleo_matches_reference():
     nearest = d.argmin(1)
     ref = -np.mean(np.log(np.linalg.norm(x - x[nearest] + 1e-6, axis=-1) + 1e-8))
     np.testing.assert_allclose(float(koleo_loss(jnp.asarray(x))), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_loss_by_modality_is_the_loss_over_that_modalitys_rows(gated):
+    ids = np.arange(SIZE) % 3 if gated else np.full(SIZE, -1)
+    modality = np.asarray([0, 2, 2, 0, 2, 1], np.int32)
+    student, teacher, memory, modality, partition = _case(ids, modality)
+    out = _run(student, teacher, memory, modality, partition)
+    rows = np.asarray(out["rows_by_modality"])
+    np.testing.assert_array_equal(rows, [2, 1, 3, 0, 0, 0, 0])
+    by_modality = np.asarray(out["loss_by_modality"])
+    for m in range(3):  # the same rows alone, through the same partition, give the same loss
+        keep = modality == m
+        alone = _run(student[:, keep], teacher[:, keep], memory, modality[keep], partition)
+        np.testing.assert_allclose(by_modality[m], float(alone["loss"]), rtol=1e-5)
+    assert np.all(np.isnan(by_modality[3:]))  # no rows: not a loss of 0
+    np.testing.assert_allclose((by_modality[:3] * rows[:3]).sum() / rows.sum(), float(out["loss"]), rtol=1e-5)

@@ -215,3 +215,7 @@ def test_init_checkpoint_loads_into_student_and_teacher(tmp_path, data_dirs):
         distance = sum(float(np.linalg.norm(np.asarray(a) - np.asarray(b))) for a, b in zip(got, expected))
         scale = sum(float(np.linalg.norm(np.asarray(b))) for b in expected)
         assert distance < 0.02 * scale, name  # one small step (and one EMA step) away from the donor
+    # the logged step carries the per-modality memory loss of every modality in the balanced batch
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    for name in MODALITIES:
+        assert np.isfinite(logged[f"memory_loss/{name}"]) and f"memory_fill/{name}" in logged, name

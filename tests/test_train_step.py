@@ -11,6 +11,7 @@ import pytest
 
 from mermed_jax import sharding, train_state, train_step
 from mermed_jax.config_lib import load_config_file
+from mermed_jax.modalities import MODALITIES
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.schedules import build_schedules
 
@@ -64,6 +65,9 @@ def test_step_updates_state_and_enqueues_second_global_crop(setup):
                 "weight_decay", "momentum", "teacher_temp", "student_temp", "student_embedding_std",
                 "teacher_embedding_std", "memory_fill/ct", "memory_fill/empty", "gating_active"):
         assert np.isfinite(float(metrics[key])), key
+    present = set(batch["modality"].tolist())
+    for m, name in enumerate(MODALITIES):  # a modality with no rows in the batch has no loss, not 0
+        assert np.isfinite(float(metrics[f"memory_loss/{name}"])) == (m in present), name
     assert float(metrics["learning_rate"]) == pytest.approx(float(hp["learning_rate"]))
     # the teacher's second-global-crop embeddings, one block of B/S rows per logical shard
     teacher_net = train_state.build_networks(config)[1]
@@ -118,9 +122,12 @@ def test_gradient_accumulation_equals_one_large_step_without_batchnorm():
         sched = build_schedules(config)
         for i in range(2):
             state, metrics = step(state, _batch(10 + i, config), jax.random.key(3), sched.at(i + 3))
-        results.append((jax.tree.map(np.asarray, state), float(metrics["loss"])))
-    (one, loss_one), (four, loss_four) = results
+        by_modality = np.asarray([float(metrics[f"memory_loss/{name}"]) for name in MODALITIES])
+        results.append((jax.tree.map(np.asarray, state), float(metrics["loss"]), by_modality))
+    (one, loss_one, by_modality_one), (four, loss_four, by_modality_four) = results
     assert loss_one == pytest.approx(loss_four, rel=1e-5)
+    # micro-batches hold different modality mixes; pooling weights each by its rows
+    np.testing.assert_allclose(by_modality_four, by_modality_one, rtol=1e-5)
     np.testing.assert_array_equal(one.memory.ids, four.memory.ids)
     # Summation order differs (4 partial gradients vs one), so compare with fp32 tolerances; the
     # Adam moments of tiny-gradient tensors are the most sensitive. The key bias (qkv bias [1]) has

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from mermed_jax.modalities import NUM_MODALITIES
 from mermed_jax.sharding import BATCH_AXES
 from mermed_jax.ssl.memory import MemoryState
 
@@ -48,7 +49,8 @@ def _masked_log_softmax(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 def _block_sums(student: jnp.ndarray, teacher: jnp.ndarray, queue: jnp.ndarray, ids: jnp.ndarray,
                 modality: jnp.ndarray, columns: jnp.ndarray, student_temp: jnp.ndarray,
                 teacher_temp: jnp.ndarray, gating: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
-    """[4] sums (cross-entropy, teacher and student entropy, valid rows) over this device's rows.
+    """[4 + NUM_MODALITIES] sums over this device's rows: cross-entropy, teacher and student
+    entropy, valid rows, then the cross-entropy of each modality's rows.
 
     queue [R, d], ids [R]: the rows this device holds; columns [num_blocks, P/N]: this device's
     columns of each block, as indices into them. `axes`: the mesh axes the block's columns are
@@ -56,6 +58,7 @@ def _block_sums(student: jnp.ndarray, teacher: jnp.ndarray, queue: jnp.ndarray, 
     """
     n_student, n_teacher = student.shape[0], teacher.shape[0]
     pair_mask = (jnp.arange(n_student)[:, None] != jnp.arange(n_teacher)[None, :]).astype(jnp.float32)
+    modality_onehot = jax.nn.one_hot(modality, NUM_MODALITIES, dtype=jnp.float32)  # [B, M]
 
     def gather(x):
         return jax.lax.all_gather(x, axes, axis=0, tiled=True) if axes else x
@@ -72,14 +75,14 @@ def _block_sums(student: jnp.ndarray, teacher: jnp.ndarray, queue: jnp.ndarray, 
         t_logp_safe = jnp.where(mask, t_logp, 0.0)
         cross = -jnp.einsum("jbp,ibp->ijb", t_prob, s_logp_safe)  # [Ns, Nt, B]
         cross = jnp.where(valid_row, cross, 0.0)
-        loss_sum = jnp.sum(cross * pair_mask[:, :, None])
+        row_loss = jnp.sum(cross * pair_mask[:, :, None], axis=(0, 1))  # [B]
         t_entropy = jnp.sum(jnp.where(valid_row, -jnp.sum(t_prob * t_logp_safe, -1), 0.0))
         s_entropy = jnp.sum(jnp.where(valid_row, -jnp.sum(jnp.exp(s_logp) * s_logp_safe, -1), 0.0))
-        sums = jnp.stack([loss_sum, t_entropy / n_teacher, s_entropy / n_student,
+        sums = jnp.stack([jnp.sum(row_loss), t_entropy / n_teacher, s_entropy / n_student,
                           jnp.sum(valid_row).astype(jnp.float32)])
-        return totals + sums, None
+        return totals + jnp.concatenate([sums, row_loss @ modality_onehot]), None
 
-    zeros = jnp.zeros((4,), jnp.float32)
+    zeros = jnp.zeros((4 + NUM_MODALITIES,), jnp.float32)
     if axes:  # the sums differ per device until the psum; shard_map's scan wants that declared
         zeros = jax.lax.pcast(zeros, axes, to="varying")
     totals, _ = jax.lax.scan(jax.checkpoint(block), zeros, columns)
@@ -112,7 +115,10 @@ def memory_cross_entropy(
         the mesh's data x fsdp devices); the result is the same.
     Returns:
       dict with `loss` and per-row mean `teacher_entropy`, `student_entropy`, and
-      `valid_fraction` (rows whose block had at least one same-modality entry).
+      `valid_fraction` (rows whose block had at least one same-modality entry); `rows_by_modality`
+      [NUM_MODALITIES] counts the batch's rows of each modality and `loss_by_modality` is `loss`
+      over those rows alone (NaN for a modality with no rows), so that `loss` is their
+      row-weighted mean.
     """
     n_student, batch, dim = student.shape
     n_teacher = teacher.shape[0]
@@ -145,12 +151,16 @@ def memory_cross_entropy(
             in_specs=(rows, rows, shards, shards, shards, rows, repl, repl, repl), out_specs=repl,
         )(*args)
     n_pairs = n_student * n_teacher - min(n_student, n_teacher)
-    num_rows = partition.shape[0] * batch
+    num_blocks = partition.shape[0]
+    num_rows = num_blocks * batch
+    rows_by_modality = jnp.sum(jax.nn.one_hot(modality, NUM_MODALITIES, dtype=jnp.float32), axis=0)
     return {
         "loss": totals[0] / (num_rows * n_pairs),
         "teacher_entropy": totals[1] / num_rows,
         "student_entropy": totals[2] / num_rows,
         "valid_fraction": totals[3] / num_rows,
+        "loss_by_modality": totals[4:] / (num_blocks * rows_by_modality * n_pairs),
+        "rows_by_modality": rows_by_modality,
     }
 
 
