@@ -7,8 +7,10 @@
 #   TPU_NAME=mermed-v5p-64 ZONE=us-east5-a ACCELERATOR=v5p-64 \
 #     launch/tpu_pod.sh --config=configs/mermed_vitb16.py --workdir=gs://my-bucket/mermed_b16 \
 #       --config.data.dirs="('gs://my-bucket/shards/cxr', 'gs://my-bucket/shards/ct')" \
-#       --config.mesh.shape="(-1,8,1)"
+#       --config.mesh.shape="(1,-1,1)"
 #
+# Several slices (multislice): add --config.mesh.dcn_shape="(-1,1,1)" (FSDP inside a slice, data
+# parallelism across slices over DCN; slices are found from the devices' slice_index).
 # Variables: TPU_NAME, ZONE, ACCELERATOR (e.g. v4-32, v5p-64), RUNTIME (TPU software version,
 # default v2-alpha-tpuv5), PROJECT (default: gcloud's), SPOT=1 for spot capacity,
 # REMOTE_DIR (default ~/mermed-jax on the workers), SKIP_INSTALL=1 to reuse an installed venv.

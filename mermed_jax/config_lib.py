@@ -57,7 +57,11 @@ def paper_recipe() -> ml_collections.ConfigDict:
         layer_decay=0.8, clip_grad=1.0, b1=0.9, b2=0.999, eps=1e-8,
     ))
     c.ema = ml_collections.ConfigDict(dict(momentum=0.9995, momentum_end=1.0))
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # data, fsdp, tensor; -1: auto
+    # (data, fsdp, tensor) inside a granule (a TPU slice or GPU node; -1: auto), times dcn_shape
+    # across granules (sharding.make_mesh); one process per GPU: processes_per_granule = GPUs/node.
+    c.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1, 1), dcn_shape=(1, 1, 1), granule="auto", processes_per_granule=1,
+    ))
     # Input pipeline (data_pipelines.pipeline.TrainConfig's fields, batch and crops from above).
     c.data = ml_collections.ConfigDict(dict(
         dirs=(), split="train", mixture=config_dict.placeholder(dict), skip_corrupt=False,

@@ -5,9 +5,10 @@ from the config and the device count is checked here, first thing.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
 from mermed_jax import config_lib, sharding
@@ -60,8 +61,8 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError naming the first offending key. With num_devices, checks the mesh too."""
+def validate_config(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> None:
+    """Raises ConfigError naming the first offending key. With devices, checks the mesh too."""
     _check_keys_and_types(config)
     try:
         parse_variant(config.model.variant)
@@ -89,9 +90,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _require(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
     _require(config.log_every_steps > 0, "log_every_steps", "must be positive")
     _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
-    if num_devices is not None:
+    _require(config.mesh.granule in sharding.GRANULES, "mesh.granule",
+             f"{config.mesh.granule!r} is not one of {sharding.GRANULES}")
+    _require(config.mesh.processes_per_granule >= 1, "mesh.processes_per_granule", "must be >= 1")
+    if devices is not None:
         try:
-            shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+            shape = tuple(sharding.mesh_from_config(config.mesh, devices).devices.shape)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         batch_ways = math.prod(shape[: len(sharding.BATCH_AXES)])

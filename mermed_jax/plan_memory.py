@@ -51,8 +51,8 @@ def _abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDty
 
 def plan(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> dict[str, Any]:
     """Compiles the train step for `config` on a mesh of `devices`; returns per-device bytes."""
-    validate_config(config, num_devices=len(devices))
-    mesh = sharding.make_mesh(config.mesh.shape, devices)
+    validate_config(config, devices=devices)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     boxed = jax.eval_shape(lambda: train_state.init_train_state(config, jax.random.key(0)))
     shardings = sharding.logical_shardings(boxed, mesh)
     state = nn.unbox(boxed)

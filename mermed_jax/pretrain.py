@@ -44,13 +44,13 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     """Runs (or resumes) the job; returns the last logged metrics."""
     workdir = pathlib.Path(workdir)
     # ------------------------------------------------------------------ setup
-    validate_config(config, num_devices=jax.device_count())
+    validate_config(config, devices=jax.devices())
     if not config.data.dirs:
         raise ValueError("data.dirs: no dataset directories given (see data_pipelines/convert.py)")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    mesh = sharding.make_mesh(config.mesh.shape)
+    mesh = sharding.mesh_from_config(config.mesh)
     total_steps = config.epochs * config.steps_per_epoch
     stop_at = min(total_steps, config.max_steps or total_steps)
     schedules = build_schedules(config)

@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -38,26 +39,88 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Replaces one -1 by what the device count leaves; errors name the `mesh` config key."""
+GRANULES = ("auto", "slice", "process")
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int, key: str = "mesh.shape",
+                       unit: str = "devices") -> tuple[int, ...]:
+    """Replaces one -1 by what the device (or granule) count leaves; errors name the config key."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh.shape={shape}: expected {len(MESH_AXES)} sizes for axes {MESH_AXES}")
+        raise ValueError(f"{key}={shape}: expected {len(MESH_AXES)} sizes for axes {MESH_AXES}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh.shape={shape}: sizes must be positive, with at most one -1 (auto)")
+        raise ValueError(f"{key}={shape}: sizes must be positive, with at most one -1 (auto)")
     known = int(np.prod([s for s in shape if s != -1]))
     if num_devices % known:
-        raise ValueError(f"mesh.shape={shape} does not divide the {num_devices} devices")
+        raise ValueError(f"{key}={shape} does not divide the {num_devices} {unit}")
     resolved = tuple(num_devices // known if s == -1 else s for s in shape)
     if int(np.prod(resolved)) != num_devices:
-        raise ValueError(f"mesh.shape={shape} covers {int(np.prod(resolved))} of the {num_devices} devices")
+        raise ValueError(f"{key}={shape} covers {int(np.prod(resolved))} of the {num_devices} {unit}")
     return resolved
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    devices = list(jax.devices() if devices is None else devices)
-    resolved = resolve_mesh_shape(shape, len(devices))
-    return Mesh(np.asarray(devices).reshape(resolved), MESH_AXES)
+def _granules(devices: Sequence[jax.Device], granule: str, processes_per_granule: int) -> list[list[jax.Device]]:
+    """Devices grouped by the unit the slow network (DCN) connects, in key order.
+
+    A TPU slice is one granule (devices carry `slice_index`); on GPU clusters a granule is a node,
+    i.e. `processes_per_granule` consecutive processes (1 with one process per node, the GPUs per
+    node with one process per GPU: SLURM numbers tasks node by node).
+    """
+    if granule not in GRANULES:
+        raise ValueError(f"mesh.granule={granule!r}: expected one of {GRANULES}")
+    if processes_per_granule < 1:
+        raise ValueError(f"mesh.processes_per_granule={processes_per_granule}: must be >= 1")
+    has_slices = all(getattr(d, "slice_index", None) is not None for d in devices)
+    if granule == "auto":
+        granule = "slice" if has_slices else "process"
+    if granule == "slice" and not has_slices:
+        raise ValueError(f"mesh.granule='slice': {devices[0].platform} devices have no slice_index; use 'process'")
+
+    def key(device: jax.Device) -> int:
+        return device.slice_index if granule == "slice" else device.process_index // processes_per_granule
+
+    groups: dict[int, list[jax.Device]] = {}
+    for device in devices:
+        groups.setdefault(key(device), []).append(device)
+    return [groups[k] for k in sorted(groups)]
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[jax.Device], *, dcn_shape: Sequence[int] = (1, 1, 1),
+                granule: str = "auto", processes_per_granule: int = 1) -> np.ndarray:
+    """Devices arranged as the (data, fsdp, tensor) mesh: `shape` inside a granule (ICI: a TPU
+    slice, a GPU node) times `dcn_shape` across granules, each axis of size shape[i] x dcn_shape[i].
+
+    Putting data parallelism on DCN (dcn_shape=(slices, 1, 1)) keeps FSDP's all-gathers and the
+    tensor axis's all-reduces on the fast links and sends only the gradient all-reduce between
+    slices or nodes. Inside a granule devices are ordered by mesh_utils (TPU torus aware).
+    """
+    if all(int(n) == 1 for n in dcn_shape):  # one granule: no slice or process grouping needed
+        granules = [list(devices)]
+    else:
+        granules = _granules(devices, granule, processes_per_granule)
+    dcn = resolve_mesh_shape(dcn_shape, len(granules), "mesh.dcn_shape", unit="granules")
+    sizes = {len(g) for g in granules}
+    if len(sizes) != 1:
+        raise ValueError(f"mesh.granule={granule!r}: granules hold different device counts {sorted(sizes)}")
+    ici = resolve_mesh_shape(shape, sizes.pop())
+    blocks = [mesh_utils.create_device_mesh(ici, g, allow_split_physical_axes=True) for g in granules]
+    if len(blocks) == 1:
+        return blocks[0]
+    grid = np.empty(len(blocks), dtype=object)
+    grid[:] = blocks
+    return np.block(grid.reshape(dcn).tolist())
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None, **hybrid: Any) -> Mesh:
+    """A Mesh over `devices` (default: all); `hybrid`: device_grid's DCN arguments."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(device_grid(shape, devices, **hybrid), MESH_AXES)
+
+
+def mesh_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """make_mesh with the fields of a config's `mesh` section."""
+    return make_mesh(mesh_config.shape, devices, dcn_shape=mesh_config.dcn_shape, granule=mesh_config.granule,
+                     processes_per_granule=mesh_config.processes_per_granule)
 
 
 def num_batch_shards(mesh: Mesh) -> int:

@@ -2,6 +2,7 @@
 
 import pathlib
 
+import jax
 import ml_collections
 import pytest
 
@@ -17,7 +18,7 @@ def cfg(name="demo_cpu", arg=None):
 
 def test_paper_config_holds_the_recipe():
     c = cfg("mermed_vitb16")
-    validate_config(c, num_devices=8)
+    validate_config(c, devices=jax.devices())
     assert c.model.variant == "B/16" and c.model.drop_path_rate == 0.1 and c.model.dtype == "bfloat16"
     assert (c.crops.num_global, c.crops.global_size, c.crops.num_local, c.crops.local_size) == (2, 224, 10, 96)
     assert c.global_batch == 1024 and c.epochs == 100 and c.steps_per_epoch == 3223
@@ -52,10 +53,13 @@ def test_arguments_override_fields_and_aliases():
         (lambda c: c.mesh.__setattr__("shape", (3, -1, 1)), 8, "mesh.shape"),
         (lambda c: c.mesh.__setattr__("shape", (-1, 1, 1)), 6, "global_batch"),
         (lambda c: c.memory.__setattr__("num_shards", 4), 8, "memory.num_shards"),
+        (lambda c: c.mesh.__setattr__("dcn_shape", (3, 1, 1)), 8, "mesh.dcn_shape=(3, 1, 1) does not divide the 1 granules"),
+        (lambda c: c.mesh.__setattr__("granule", "rack"), None, "mesh.granule"),
+        (lambda c: c.mesh.update(dcn_shape=(2, 1, 1), granule="slice"), 8, "mesh.granule='slice': cpu devices"),
     ],
 )
 def test_bad_values_fail_naming_the_key(mutate, devices, key):
     c = cfg()
     mutate(c)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
-        validate_config(c, num_devices=devices)
+        validate_config(c, devices=None if devices is None else jax.devices()[:devices])

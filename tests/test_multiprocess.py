@@ -46,7 +46,9 @@ def _launch(tmp_path, processes: int, devices: int, args: list[str], module: str
 def _pretrain_args(workdir, data_dirs, max_steps: int) -> list[str]:
     overrides = {
         "data.dirs": repr(tuple(data_dirs)), "max_steps": max_steps, "log_every_steps": 1,
-        "checkpoint.every_steps": 5, "crops.num_local": 2, "model.depth": 1, "mesh.shape": "(2,4,1)",
+        "checkpoint.every_steps": 5, "crops.num_local": 2, "model.depth": 1,
+        # each process a DCN granule, as a node would be: data across processes, fsdp inside one
+        "mesh.shape": "(1,4,1)", "mesh.dcn_shape": "(2,1,1)", "mesh.granule": "process",
     }
     return ["--config=configs/demo_cpu.py", f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 

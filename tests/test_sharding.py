@@ -24,6 +24,7 @@ S = 8 logical memory shards, global batch 16, K = 48 = 3 x batch: the memory is 
 third step, so modality gating is active in steps 4 and 5.
 """
 
+import dataclasses
 import pathlib
 
 import jax
@@ -34,6 +35,7 @@ import pytest
 
 from mermed_jax import hlo_stats, sharding, train_state, train_step
 from mermed_jax.config_lib import load_config_file
+from mermed_jax.modalities import NUM_MODALITIES
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.loss import memory_cross_entropy
 from mermed_jax.ssl.schedules import build_schedules
@@ -165,7 +167,7 @@ def test_memory_ops_move_one_block_of_keys_at_a_time():
     """Compiled on 8 devices: enqueue and partition move nothing; the loss and its gradient
     all-gather each device's P/N keys and ids once per block and once more in the rematerialised
     backward pass, i.e. 2 (K/N) (d + 1) words per device, never the queue; the only all-reduces
-    are the gating flag and the four psum'd sums. XLA left to itself (no mesh) moves 8x more."""
+    are the gating flag and the psum'd sums. XLA left to itself (no mesh) moves 8x more."""
     size, dim, shards, batch, part = 4096, 64, 8, 64, 512
     mesh = sharding.make_mesh((8, 1, 1))
     on_shards = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
@@ -188,6 +190,56 @@ def test_memory_ops_move_one_block_of_keys_at_a_time():
 
     sharded = collectives(mesh)
     assert sharded["all-gather"] == 2 * (size // 8) * (dim + 1) * 4
-    assert sharded["all-reduce"] == 4 * 4 + 1  # psum of the 4 sums (fp32) and the gating flag (pred)
+    # psum of the 4 sums and the 7 per-modality loss sums (fp32), and the gating flag (pred)
+    assert sharded["all-reduce"] == 4 * (4 + NUM_MODALITIES) + 1
     assert sharded["reduce-scatter"] == sharded["all-to-all"] == sharded["collective-permute"] == 0
     assert sum(collectives(None).values()) >= 7 * sum(sharded.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeDevice:
+    """What device_grid reads of a device: enough to lay out a pod this machine does not have."""
+
+    id: int
+    process_index: int
+    slice_index: int | None = None
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+def _ids(grid: np.ndarray) -> np.ndarray:
+    return np.vectorize(lambda d: d.id)(grid)
+
+
+def test_hybrid_mesh_puts_dcn_axes_across_nodes():
+    """8 GPUs, one process per GPU pair, 2 processes to a node (processes_per_granule=2): the data
+    axis (DCN) crosses nodes, fsdp and tensor (ICI) stay inside one."""
+    devices = [_FakeDevice(i, i // 2) for i in range(8)]
+    grid = sharding.device_grid((1, 2, 2), devices, dcn_shape=(2, 1, 1), processes_per_granule=2)
+    assert grid.shape == (2, 2, 2)
+    for node in range(2):
+        assert {d.process_index // 2 for d in grid[node].flat} == {node}
+    np.testing.assert_array_equal(_ids(grid), np.arange(8).reshape(2, 2, 2))
+
+
+def test_hybrid_mesh_groups_tpu_devices_by_slice_with_auto_sizes():
+    # Two slices whose devices are listed interleaved: each data row must be one slice.
+    devices = [_FakeDevice(i, i // 4, slice_index=i % 2) for i in range(8)]
+    grid = sharding.device_grid((1, -1, 2), devices, dcn_shape=(-1, 1, 1))
+    assert grid.shape == (2, 2, 2)
+    assert [{d.slice_index for d in grid[s].flat} for s in range(2)] == [{0}, {1}]
+    # a dcn factor on fsdp splits the fsdp axis across slices instead
+    grid = sharding.device_grid((1, 2, 2), devices, dcn_shape=(1, 2, 1))
+    assert grid.shape == (1, 4, 2)
+    assert [{d.slice_index for d in grid[0, f].flat} for f in range(4)] == [{0}, {0}, {1}, {1}]
+
+
+def test_hybrid_mesh_errors_name_the_key():
+    devices = [_FakeDevice(i, i // 3) for i in range(6)]
+    with pytest.raises(ValueError, match=r"mesh\.granule='slice': cpu devices have no slice_index"):
+        sharding.device_grid((1, 3, 1), devices, dcn_shape=(2, 1, 1), granule="slice")
+    with pytest.raises(ValueError, match=r"mesh\.shape=\(1, 2, 1\) does not divide the 3 devices"):
+        sharding.device_grid((1, 2, 1), devices, dcn_shape=(2, 1, 1))
+    uneven = [_FakeDevice(i, 0 if i < 4 else 1) for i in range(6)]
+    with pytest.raises(ValueError, match="granules hold different device counts"):
+        sharding.device_grid((1, -1, 1), uneven, dcn_shape=(2, 1, 1))
