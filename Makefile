@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 DEMO_DATA := demo_data
 DEMO_WORKDIR := workdirs/demo
 
-.PHONY: demo test test-interop venv clean
+.PHONY: demo test test-interop fuzz venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,12 @@ demo: $(STAMP)
 # Every test but the interop ones (they need PyTorch + timm, a 5.5 GB install).
 test: $(STAMP)
 	$(PY) -m pytest -m "not interop" $(PYTEST_ARGS)
+
+# The fuzz tests (`-m fuzz`) with many more examples than `make test` gives them, new inputs each run
+# (hypothesis prints the seed of a failure: rerun with PYTEST_ARGS=--hypothesis-seed=N).
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	MERMED_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -m "fuzz and not interop" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache $(DEMO_DATA) $(DEMO_WORKDIR)

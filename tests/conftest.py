@@ -11,6 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from fuzzing import FUZZ_EXAMPLES_ENV  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 jax.config.update(
@@ -19,6 +22,13 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# Property and fuzz tests: a fixed seed and no example database in CI, so `make test` tries the same
+# inputs on every run; `make fuzz` (MERMED_FUZZ_EXAMPLES set) draws new ones each run, printing the
+# seed and a reproduction blob for any failure (rerun with --hypothesis-seed=N).
+settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True)
+settings.register_profile("long", deadline=None, database=None, print_blob=True)
+settings.load_profile("long" if os.environ.get(FUZZ_EXAMPLES_ENV) else "ci")
 
 
 def realdata_root() -> pathlib.Path | None:
