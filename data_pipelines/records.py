@@ -245,10 +245,29 @@ def encode_example(
     return example.SerializeToString(deterministic=True)  # sorted map keys: same bytes in every process
 
 
+def _feature_values(feature: Any, key: str) -> Sequence[Any]:
+    """The values of one feature, checked against FEATURE_SPEC's dtype and shape.
+
+    A writer of another schema (or a damaged payload whose CRC was recomputed) can put any kind and
+    count of values under a known key; without this check they surfaced as an IndexError or a
+    UnicodeDecodeError that named neither the key nor the problem.
+    """
+    spec = FEATURE_SPEC[key]
+    kind = feature.WhichOneof("kind")
+    values = feature.bytes_list.value if spec["dtype"] == "bytes" else feature.int64_list.value
+    expected_kind = "bytes_list" if spec["dtype"] == "bytes" else "int64_list"
+    if kind not in (expected_kind, None):
+        raise ValueError(f"Example feature {key!r} holds {kind.removesuffix('_list')} values; the schema says {spec['dtype']}")
+    if spec["shape"] == "()" and len(values) != 1:
+        raise ValueError(f"Example feature {key!r} holds {len(values)} values; the schema says exactly one")
+    return values
+
+
 def decode_example(serialized: bytes) -> dict[str, Any]:
     """The fields of a serialized Example of the shard schema.
 
-    Raises ValueError when the bytes are not an Example and KeyError naming a missing feature.
+    Raises ValueError when the bytes are not an Example or a feature has the wrong type or count of
+    values (the message starts "Example feature '<key>'"), and KeyError naming a missing feature.
     """
     try:
         feature = tf_example_pb2.Example.FromString(serialized).features.feature
@@ -257,21 +276,22 @@ def decode_example(serialized: bytes) -> dict[str, Any]:
     for key in FEATURE_SPEC:
         if key not in feature:
             raise KeyError(f"Example lacks feature {key!r}")
+    values = {key: _feature_values(feature[key], key) for key in FEATURE_SPEC}
 
     def text(key: str) -> str:
-        return feature[key].bytes_list.value[0].decode()
-
-    def scalar(key: str) -> int:
-        return int(feature[key].int64_list.value[0])
+        try:
+            return values[key][0].decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"Example feature {key!r} is not UTF-8 text") from None
 
     return {
-        "image": feature["image"].bytes_list.value[0],
+        "image": values["image"][0],
         "image_format": text("image_format"),
-        "height": scalar("height"),
-        "width": scalar("width"),
-        "channels": scalar("channels"),
+        "height": int(values["height"][0]),
+        "width": int(values["width"][0]),
+        "channels": int(values["channels"][0]),
         "modality": text("modality"),
-        "labels": np.asarray(feature["labels"].int64_list.value, np.int64),
+        "labels": np.asarray(values["labels"], np.int64),
         "dataset": text("dataset"),
         "image_id": text("image_id"),
     }
