@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipelines.manifest import Window
+from data_pipelines.sources.base import SourceError
 
 # Common radiology presets (level, width) in HU.
 PRESETS: dict[str, Window] = {
@@ -53,8 +54,14 @@ def check_windows(windows: tuple[Window, ...]) -> tuple[Window, ...]:
 
 
 def apply_windows(hu: np.ndarray, windows: tuple[Window, ...]) -> np.ndarray:
-    """HxW HU (float) -> HxWxlen(windows) uint8: round((hu - (level - width/2)) * 255 / width), clipped."""
+    """HxW HU (float) -> HxWxlen(windows) uint8: round((hu - (level - width/2)) * 255 / width), clipped.
+
+    Non-finite HU (NaN for masked voxels in float volumes, inf from a damaged rescale) has no uint8
+    value: the cast is undefined and gave a silent 0, so it is refused instead.
+    """
     hu = np.asarray(hu, np.float64)
+    if not np.isfinite(hu).all():
+        raise SourceError("non-finite HU values", f"{int(np.size(hu) - np.isfinite(hu).sum())} voxels")
     channels = [
         np.clip(np.rint((hu - (w.level - w.width / 2)) * 255.0 / w.width), 0, 255) for w in windows
     ]

@@ -94,12 +94,24 @@ class DicomSource(Source):
             pixels = ds.pixel_array
         except Exception as e:  # noqa: BLE001 - codec errors come in many types
             raise SourceError("DICOM pixel data does not decode", type(e).__name__) from None
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if frames == 1:
-            pixels = pixels[None]
-        for index in range(0, frames, self.frame_stride):
-            suffix = f"#frame{index}" if frames > 1 else ""
-            yield Frame(pixels=self._convert(ds, pixels[index]), suffix=suffix)
+        # Everything read from the attributes below may be damaged or non-conformant; any failure is
+        # a skippable bad input (SourceError: --skip-bad counts it) named by the exception type
+        # only, since the message of e.g. float("<tag value>") would carry a tag value into logs.
+        try:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            samples = int(ds.get("SamplesPerPixel", 1))
+            if pixels.ndim == (2 if samples == 1 else 3):
+                pixels = pixels[None]
+            # pydicom returns excess frames beyond NumberOfFrames with only a warning.
+            if pixels.shape[:3] != (frames, int(ds.Rows), int(ds.Columns)):
+                raise ValueError("pixel data shape disagrees with Rows, Columns and NumberOfFrames")
+            converted = [(index, self._convert(ds, pixels[index])) for index in range(0, frames, self.frame_stride)]
+        except SourceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged attribute fails in many types
+            raise SourceError("DICOM attributes do not describe the pixel data", type(e).__name__) from None
+        for index, image in converted:
+            yield Frame(pixels=image, suffix=f"#frame{index}" if frames > 1 else "")
 
     def _convert(self, ds: pydicom.Dataset, frame: np.ndarray) -> np.ndarray:
         samples = int(ds.get("SamplesPerPixel", 1))
