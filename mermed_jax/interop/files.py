@@ -104,6 +104,26 @@ def read_msgpack(path: str | os.PathLike) -> Tree:
     return tree
 
 
+def check_param_tree(tree: Any, source: str, at: tuple[str, ...]) -> None:
+    """Raises CheckpointError unless `tree` is nested dicts with text keys and numeric array leaves.
+
+    msgpack can hold any structure; a file of another program (or a damaged one that still parses)
+    otherwise failed deep inside the importer with a TypeError naming neither file nor key.
+    """
+    name = "/".join(at)
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{source}: {name!r} is a {type(tree).__name__}, not a dict of parameters")
+    for key, value in tree.items():
+        where = "/".join((*at, str(key)))
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: key {where!r} is a {type(key).__name__}, not text: not a parameter tree")
+        if isinstance(value, Mapping):
+            check_param_tree(value, source, (*at, key))
+        elif not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf"):
+            found = f"an array of {value.dtype}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+            raise CheckpointError(f"{source}: {where!r} is {found}, not a numeric array: not a parameter tree")
+
+
 def _atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -35,15 +35,22 @@ _POS_TOKENS = (("pos_embed",), ("cls_token",), ("reg_token",))
 
 
 def _msgpack_parts(tree: Mapping[str, Any], source: str) -> tuple[Tree, Tree, Tree]:
-    """(backbone, head params, head BatchNorm stats) from an export, a TrainState dict or a bare backbone."""
+    """(backbone, head params, head BatchNorm stats) from an export, a TrainState dict or a bare backbone;
+    each checked to be a tree of numeric arrays (the rest of a TrainState, e.g. optimiser state, is not read)."""
     if "teacher_params" in tree:  # flax.serialization.to_state_dict(TrainState)
+        files.check_param_tree(tree["teacher_params"], source, ("teacher_params",))
+        files.check_param_tree(tree.get("teacher_batch_stats", {}), source, ("teacher_batch_stats",))
         params = tree["teacher_params"]
         return params.get("backbone", {}), params.get("head", {}), tree.get("teacher_batch_stats", {}).get("head", {})
     if "backbone" in tree:
-        return tree["backbone"], tree.get("head", {}), tree.get("head_batch_stats", {})
+        parts = tuple(tree.get(key, {}) for key in ("backbone", "head", "head_batch_stats"))
+        for key, part in zip(("backbone", "head", "head_batch_stats"), parts):
+            files.check_param_tree(part, source, (key,))
+        return parts
     if "patch_embed" in tree or "blocks" in tree or "blocks_0" in tree:
+        files.check_param_tree(tree, source, ())
         return dict(tree), {}, {}
-    raise CheckpointError(f"{source}: no backbone found; top-level keys are {sorted(tree)}")
+    raise CheckpointError(f"{source}: no backbone found; top-level keys are {sorted(map(str, tree))}")
 
 
 def _match_head(found: dict[Path, np.ndarray], expected: dict[Path, tuple], prefix: str, report: ImportReport) -> dict:
