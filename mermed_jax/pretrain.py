@@ -51,6 +51,8 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = sharding.mesh_from_config(config.mesh)
+    logging.info("mesh %s; the process of each device: %s", dict(mesh.shape),
+                 np.vectorize(lambda d: d.process_index)(mesh.devices).tolist())
     total_steps = config.epochs * config.steps_per_epoch
     stop_at = min(total_steps, config.max_steps or total_steps)
     schedules = build_schedules(config)
