@@ -62,7 +62,8 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int, key: str = "mesh.
 def _granules(devices: Sequence[jax.Device], granule: str, processes_per_granule: int) -> list[list[jax.Device]]:
     """Devices grouped by the unit the slow network (DCN) connects, in key order.
 
-    A TPU slice is one granule (devices carry `slice_index`); on GPU clusters a granule is a node,
+    A TPU slice is one granule (devices carry `slice_index`; `auto` takes slices when there are
+    several); otherwise a granule is a node,
     i.e. `processes_per_granule` consecutive processes (1 with one process per node, the GPUs per
     node with one process per GPU: SLURM numbers tasks node by node).
     """
@@ -71,8 +72,8 @@ def _granules(devices: Sequence[jax.Device], granule: str, processes_per_granule
     if processes_per_granule < 1:
         raise ValueError(f"mesh.processes_per_granule={processes_per_granule}: must be >= 1")
     has_slices = all(getattr(d, "slice_index", None) is not None for d in devices)
-    if granule == "auto":
-        granule = "slice" if has_slices else "process"
+    if granule == "auto":  # CPU (and single-slice) processes all report slice 0
+        granule = "slice" if has_slices and len({d.slice_index for d in devices}) > 1 else "process"
     if granule == "slice" and not has_slices:
         raise ValueError(f"mesh.granule='slice': {devices[0].platform} devices have no slice_index; use 'process'")
 
