@@ -53,6 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data_pipelines.pipeline import to_global  # noqa: E402
 from mermed_jax import config_lib, sharding, train_state, train_step  # noqa: E402
 from mermed_jax.modalities import NUM_MODALITIES  # noqa: E402
 from mermed_jax.ssl import memory as memory_lib  # noqa: E402
@@ -280,7 +281,7 @@ def main(argv=None) -> dict:
     state = _full_memory(state)
     step = train_step.make_train_step(config, pixel_mean, pixel_std, mesh=mesh)
     jitted = train_step.jit_train_step(step, mesh, shardings)
-    batch = train_step.shard_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
+    batch = to_global(synthetic_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
     schedules = build_schedules(config)
     hparams = {k: jnp.asarray(v) for k, v in schedules.at(len(schedules) // 2).items()}
     rng = jax.random.key(1)

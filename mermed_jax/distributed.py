@@ -58,3 +58,16 @@ def initialize() -> None:
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{_free_port()}", num_processes=1, process_id=0)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process arrives, through the coordination service (no device collective).
+
+    Used after compiling the train step: CPU processes' gloo collectives give their peers a fixed
+    30 s to join the first collective, which one process's slower compile can exceed.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the barrier JAX's own serialization uses
+
+    jax_distributed.global_state.client.wait_at_barrier(f"mermed_{name}", timeout_in_ms=timeout_s * 1000)

@@ -40,15 +40,6 @@ def _device_bytes(tree: Any, shardings: Any) -> int:
     return total
 
 
-def _abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    b, c = config.global_batch, config.crops
-    return {
-        "global": jax.ShapeDtypeStruct((b, c.num_global, c.global_size, c.global_size, 3), jnp.uint8),
-        "local": jax.ShapeDtypeStruct((b, c.num_local, c.local_size, c.local_size, 3), jnp.uint8),
-        "modality": jax.ShapeDtypeStruct((b,), jnp.int32),
-    }
-
-
 def plan(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> dict[str, Any]:
     """Compiles the train step for `config` on a mesh of `devices`; returns per-device bytes."""
     validate_config(config, devices=devices)
@@ -57,7 +48,7 @@ def plan(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> dict[s
     shardings = sharding.logical_shardings(boxed, mesh)
     state = nn.unbox(boxed)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    batch = _abstract_batch(config)
+    batch = train_step.abstract_batch(config)
     ones = np.ones((NUM_MODALITIES, 3), np.float32)
     step = train_step.jit_train_step(train_step.make_train_step(config, ones, ones, mesh=mesh), mesh, shardings)
     compiled = step.lower(abstract_state, batch, jax.random.key(0), build_schedules(config).at(0)).compile()

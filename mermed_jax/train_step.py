@@ -109,6 +109,18 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
     return loss_fn
 
 
+def abstract_batch(config: ml_collections.ConfigDict,
+                   batch_sharding: NamedSharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch's shapes, to compile the step before any data arrives."""
+    b, c = config.global_batch, config.crops
+    shapes = {
+        "global": ((b, c.num_global, c.global_size, c.global_size, 3), jnp.uint8),
+        "local": ((b, c.num_local, c.local_size, c.local_size, 3), jnp.uint8),
+        "modality": ((b,), jnp.int32),
+    }
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
+
+
 def to_micro_batches(batch: Batch, num_micro: int, batch_shards: int) -> Batch:
     """[B, ...] -> [num_micro, B / num_micro, ...], each micro-batch taking an equal slice of every
     batch shard's rows, so that splitting moves no data between devices."""
@@ -253,9 +265,3 @@ def jit_train_step(step: Callable, mesh: Mesh, state_shardings: Any) -> MeshBoun
         donate_argnums=(0,),
     )
     return MeshBoundStep(jitted, mesh)
-
-
-def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch (this process's rows) as global arrays split over data x fsdp."""
-    target: NamedSharding = sharding_lib.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(target, v) for k, v in batch.items()}

@@ -13,7 +13,6 @@ import pathlib
 import socket
 import stat
 import subprocess
-import textwrap
 
 import pytest
 
