@@ -24,10 +24,8 @@ Numbers reported:
   * peak memory: device memory_stats()['peak_bytes_in_use'] where the backend has it (GPU/TPU),
     else XLA's memory analysis of the compiled step and the process's max RSS.
 
-Imports: mermed_jax.metrics imports clu (and through it tensorflow) at module level, only for its
-metric writers; this script loads it with a stand-in `clu.metric_writers` so that neither clu nor
-tensorflow is imported (checked at the end, `import_check` in the output). The other modules it
-uses need jax, flax, optax and ml_collections only.
+Imports: jax, flax, optax and ml_collections only; neither clu nor tensorflow (their writers live
+in mermed_jax/metric_writers.py), checked at the end (`import_check` in the output).
 
 Usage:
   .venv/bin/python bench/train_step.py --variant S/16 --batch 8 --dtype bfloat16
@@ -45,7 +43,6 @@ import platform
 import resource
 import sys
 import time
-import types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -53,33 +50,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_pipelines.pipeline import to_global  # noqa: E402
-from mermed_jax import config_lib, sharding, train_state, train_step  # noqa: E402
+from mermed_jax import config_lib, metrics, sharding, train_state, train_step  # noqa: E402
 from mermed_jax.modalities import NUM_MODALITIES  # noqa: E402
 from mermed_jax.ssl import memory as memory_lib  # noqa: E402
 from mermed_jax.ssl.ema import ema_update  # noqa: E402
 from mermed_jax.ssl.loss import memory_cross_entropy  # noqa: E402
 from mermed_jax.ssl.schedules import build_schedules  # noqa: E402
-
-
-def _import_flop_counts():
-    """mermed_jax.metrics without importing clu/tensorflow (it needs them only for its writers)."""
-    if "mermed_jax.metrics" in sys.modules:
-        return sys.modules["mermed_jax.metrics"]
-    stubbed = []
-    if "clu" not in sys.modules:
-        clu = types.ModuleType("clu")
-        writers = types.ModuleType("clu.metric_writers")
-        writers.MetricWriter = type("MetricWriter", (), {})
-        clu.metric_writers = writers
-        sys.modules["clu"], sys.modules["clu.metric_writers"] = clu, writers
-        stubbed = ["clu", "clu.metric_writers"]
-    try:
-        from mermed_jax import metrics
-    finally:
-        for name in stubbed:
-            del sys.modules[name]
-    return metrics
 
 
 def _time(fn, *args, steps: int, warmup: int = 1) -> list[float]:
@@ -266,7 +242,6 @@ def main(argv=None) -> dict:
     if args.check_loss_npz:
         return check_loss(args.check_loss_npz)
 
-    metrics = _import_flop_counts()
     backend = jax.default_backend()
     config = build(args)
     n_dev = jax.device_count()
@@ -281,7 +256,7 @@ def main(argv=None) -> dict:
     state = _full_memory(state)
     step = train_step.make_train_step(config, pixel_mean, pixel_std, mesh=mesh)
     jitted = train_step.jit_train_step(step, mesh, shardings)
-    batch = to_global(synthetic_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
+    batch = sharding.to_global(synthetic_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
     schedules = build_schedules(config)
     hparams = {k: jnp.asarray(v) for k, v in schedules.at(len(schedules) // 2).items()}
     rng = jax.random.key(1)

@@ -14,7 +14,7 @@ A batch, per host, with B = local devices x per-device batch, device d owning ro
     local     uint8 [B, num_local, L, L, 3]
     modality  int32 [B]   (ids of mermed_jax.modalities)
 Images stay uint8 until the train step normalises them on device with `stats.modality_stats`.
-`to_global` turns the host batches into global jax.Arrays.
+`mermed_jax.sharding.to_global` turns the host batches into global jax.Arrays.
 
 Configuration (`TrainConfig`, or `TrainConfig.from_config(config.data)` for an ml_collections
 ConfigDict with the same field names; `crops` is a nested section of MultiCropConfig fields;
@@ -308,8 +308,3 @@ def train_iterator(cfg: TrainConfig, *, start_step: int = 0, process_index: int 
     checkpoint holds no iterator state); host arguments default to jax's."""
     maker, unreadable = _batch_maker(cfg, process_index, process_count, local_devices)
     return TrainIterator(cfg, maker, start_step, unreadable)
-
-
-def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    """Host batches -> global jax.Arrays split along dim 0 as `sharding` says (every host calls it)."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -1,21 +1,17 @@
-"""Metric writers, FLOP counting and MFU.
+"""FLOP counting, MFU and the host side of metrics (writers: metric_writers.py).
 
-Writers: TensorBoard (clu) and a JSON-lines file beside it, on process 0 only; other processes
-log nothing. FLOPs are counted analytically as model FLOPs (matmuls of the forward pass, x3 for
+Free of clu and tensorflow, so benchmarks can import it on machines without them. FLOPs are
+counted analytically as model FLOPs (matmuls of the forward pass, x3 for
 forward + backward of the student; rematerialisation not counted, as MFU conventionally does)
 and cross-checked against XLA's cost analysis by bench/train_step.py.
 """
 
-import json
-import pathlib
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
 from mermed_jax.models.vit import ViTConfig
 
@@ -30,55 +26,6 @@ PEAK_FLOPS_BY_DEVICE_KIND: dict[str, float] = {
     "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
 }
-
-
-class JsonlWriter(metric_writers.MetricWriter):
-    """Scalars as one JSON object per line: easy to read back in tests and notebooks."""
-
-    def __init__(self, path: pathlib.Path):
-        self._file = open(path, "a", encoding="utf-8")
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def write_summaries(self, step, values, metadata=None):
-        del step, values, metadata
-
-    def write_images(self, step, images):
-        del step, images
-
-    def write_videos(self, step, videos):
-        del step, videos
-
-    def write_audios(self, step, audios, *, sample_rate):
-        del step, audios, sample_rate
-
-    def write_texts(self, step, texts):
-        del step, texts
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        del step, arrays, num_buckets
-
-    def write_hparams(self, hparams):
-        del hparams
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def make_writer(workdir: pathlib.Path) -> metric_writers.MetricWriter:
-    """TensorBoard + JSON lines (metrics.jsonl) on process 0; logging only elsewhere."""
-    if jax.process_index() > 0:
-        return metric_writers.create_default_writer(str(workdir), just_logging=True)
-    return metric_writers.MultiWriter([
-        metric_writers.create_default_writer(str(workdir), asynchronous=True),
-        JsonlWriter(workdir / "metrics.jsonl"),
-    ])
 
 
 def vit_forward_flops(cfg: ViTConfig, crop_size: int) -> float:

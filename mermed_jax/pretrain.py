@@ -23,7 +23,7 @@ from clu import parameter_overview, periodic_actions
 from ml_collections import config_flags
 
 from data_pipelines import pipeline, stats
-from mermed_jax import checkpointing, distributed, metrics, sharding, train_state, train_step
+from mermed_jax import checkpointing, distributed, metric_writers, metrics, sharding, train_state, train_step
 from mermed_jax.config_validation import validate_config
 from mermed_jax.interop import importer
 from mermed_jax.ssl.schedules import build_schedules
@@ -111,7 +111,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     logging.info("model FLOPs per step: %.3g (%s)", flops_per_step, {k: f"{v:.3g}" for k, v in flops.items()})
 
     # ------------------------------------------------------------------ loop
-    writer = metrics.make_writer(workdir)
+    writer = metric_writers.make_writer(workdir)
     hooks = [periodic_actions.ReportProgress(num_train_steps=stop_at, writer=writer, every_steps=config.log_every_steps)]
     if config.profile.every_steps and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile.num_steps,
@@ -136,7 +136,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     step = start_step
     preempted = False
     while step < stop_at:
-        batch = pipeline.to_global(next(data_iterator), batch_sharding)
+        batch = sharding.to_global(next(data_iterator), batch_sharding)
         state, step_metrics = compiled_step(state, batch, step_rng, schedules.at(step))
         step += 1
         window_steps += 1

@@ -10,7 +10,7 @@ the same mesh axis; `memory_shard` is the logical-shard axis of the memory queue
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -131,6 +131,11 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Host batches -> global jax.Arrays split along dim 0 as `sharding` says (every host calls it)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data_pipelines.pipeline import to_global
 from mermed_jax import distributed, sharding, train_state, train_step
 from mermed_jax.config_lib import load_config_file
 from mermed_jax.ssl.schedules import build_schedules
@@ -48,7 +47,7 @@ def main(out: str) -> None:
     losses = []
     for i, batch in enumerate(global_batches(config)):
         local = {k: v[start:start + rows] for k, v in batch.items()}
-        state, metrics = step(state, to_global(local, sharding.batch_sharding(mesh)), jax.random.key(1), schedules.at(i + 3))
+        state, metrics = step(state, sharding.to_global(local, sharding.batch_sharding(mesh)), jax.random.key(1), schedules.at(i + 3))
         losses.append(float(metrics["loss"]))
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
     leaves = multihost_utils.process_allgather(list(leaves), tiled=True)

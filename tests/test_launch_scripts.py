@@ -145,7 +145,8 @@ def test_slurm_script_runs_one_task_per_node_across_two_nodes(tmp_path, data_dir
     config = _assert_trained(workdir)
     # the script made each task (a node here) one DCN granule; the data axis crosses them
     assert (config["mesh"]["granule"], config["mesh"]["processes_per_granule"]) == ("process", 1)
-    assert "'data': 2, 'fsdp': 2, 'tensor': 1}; the process of each device: [[[0], [0]], [[1], [1]]]" in tasks
+    task0 = (tmp_path / "calls.log.task0").read_text()
+    assert "'data': 2, 'fsdp': 2, 'tensor': 1}; the process of each device: [[[0], [0]], [[1], [1]]]" in task0
 
 
 def test_tpu_pod_script_creates_copies_and_runs_on_every_worker(tmp_path, data_dirs):

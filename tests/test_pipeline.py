@@ -18,8 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import eval_pipeline, manifest, record_source, records, sampler, stats
 from data_pipelines.augment import MultiCropConfig
-from data_pipelines.pipeline import TrainConfig, to_global, train_iterator
+from data_pipelines.pipeline import TrainConfig, train_iterator
 from mermed_jax.modalities import NUM_MODALITIES, modality_id
+from mermed_jax.sharding import to_global
 
 TINY = MultiCropConfig(global_size=16, local_size=8, num_local=2)
 
@@ -285,11 +286,11 @@ def test_config_from_the_paper_recipe(three_modalities):
 
 def test_to_global_shards_batch_over_devices(three_modalities):
     devices = np.array(jax.devices()[:4])
-    sharding = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+    target = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
     batch = next(train_iterator(_cfg(three_modalities), process_index=0, process_count=1, local_devices=4))
-    arrays = to_global(batch, sharding)
+    arrays = to_global(batch, target)
     assert arrays["global"].shape == batch["global"].shape
-    assert arrays["modality"].sharding == sharding
+    assert arrays["modality"].sharding == target
     np.testing.assert_array_equal(np.asarray(arrays["local"]), batch["local"])
 
 
@@ -402,7 +403,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines.augment import MultiCropConfig
-from data_pipelines.pipeline import TrainConfig, to_global, train_iterator
+from data_pipelines.pipeline import TrainConfig, train_iterator
+from mermed_jax.sharding import to_global
 cfg = TrainConfig(dirs=tuple(json.loads(sys.argv[3])), per_device_batch=3, read_threads=0,
                   crops=MultiCropConfig(global_size=16, local_size=8, num_local=2))
 it = train_iterator(cfg)  # process index, count and local devices from jax

@@ -33,7 +33,6 @@ import numpy as np
 import optax
 import pytest
 
-from data_pipelines.pipeline import to_global
 from mermed_jax import hlo_stats, sharding, train_state, train_step
 from mermed_jax.config_lib import load_config_file
 from mermed_jax.modalities import NUM_MODALITIES
@@ -73,7 +72,7 @@ def _train(config, mesh_shape, devices, steps=STEPS) -> list[tuple[dict, float]]
     schedules = build_schedules(config)
     out = []
     for i, batch in enumerate(_batches(config)[:steps]):
-        state, metrics = step(state, to_global(batch, sharding.batch_sharding(mesh)), jax.random.key(1), schedules.at(i + 3))
+        state, metrics = step(state, sharding.to_global(batch, sharding.batch_sharding(mesh)), jax.random.key(1), schedules.at(i + 3))
         out.append((jax.tree.map(np.asarray, state), float(metrics["loss"]), float(metrics["gating_active"])))
     return out
 

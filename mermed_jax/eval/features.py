@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data_pipelines import eval_pipeline, pipeline, records
+from data_pipelines import eval_pipeline, records
 from mermed_jax import sharding
 from mermed_jax.eval.encoders import PIXELS, Encoder
 from mermed_jax.models.vit import ViT, ViTConfig
@@ -77,7 +77,7 @@ def extract(encoder: Encoder, data: eval_pipeline.EvalConfig, mesh: jax.sharding
     parts: dict[str, list[np.ndarray]] = {}
     with sharding.axis_rules_context(mesh):
         for host_batch in eval_pipeline.eval_batches(data):
-            batch = pipeline.to_global(host_batch, batch_sharding)
+            batch = sharding.to_global(host_batch, batch_sharding)
             if encoder.kind == PIXELS:
                 out = {PIXELS: _pixel_features(host_batch["image"], host_batch["modality"], encoder, pixel_size)}
                 out = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in out.items()}
