@@ -34,7 +34,34 @@ def _leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys the paper recipe leaves unset (None) that take a value of one type when set.
+_OPTIONAL_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model.width": int, "model.depth": int, "model.num_heads": int, "model.mlp_dim": int,
+    "steps_per_epoch": int, "max_steps": int, "checkpoint.keep_period": int,
+    "model.layerscale_init": _NUMBER, "peak_tflops_per_device": _NUMBER, "init_checkpoint": str, "data.mixture": Mapping,
+}
+# Integer keys that may be 0 (all other integer keys are counts or sizes and must be positive).
+_NON_NEGATIVE = {"data.worker_count", "crops.num_local", "model.num_registers", "profile.every_steps",
+                 "optim.warmup_epochs", "loss.warmup_teacher_temp_epochs", "max_steps"}
+_ANY_INT = {"seed"}
+
+
+def _type_ok(value: Any, expected: type | tuple[type, ...]) -> bool:
+    """isinstance, except that a bool is no number and an int is a float (not the other way)."""
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float or expected == _NUMBER:
+        return isinstance(value, _NUMBER)
+    return isinstance(value, expected)
+
+
 def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
+    """Every key known, every value of its key's type, finite and (for counts and sizes) positive.
+
+    Anything that passes here can be compared and divided by the checks that follow: a None, a
+    bool for a width or a NaN rate used to surface as a TypeError or ZeroDivisionError while
+    building the model, after the job had started.
+    """
     schema = _leaves(config_lib.paper_recipe().to_dict())
     given = _leaves(config.to_dict())
     unknown = sorted(set(given) - set(schema))
@@ -42,18 +69,26 @@ def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"{unknown[0]}: unknown config key (unknown keys: {', '.join(unknown)})")
     for key, value in given.items():
         expected = schema[key]
-        if value is None or expected is None:
-            continue
-        if isinstance(expected, bool) or isinstance(value, bool):
-            ok = isinstance(value, bool) and isinstance(expected, bool)
-        elif isinstance(expected, _NUMBER):
-            ok = isinstance(value, _NUMBER) and (isinstance(expected, float) or isinstance(value, int))
+        if expected is None:
+            if value is None:
+                continue
+            kind = _OPTIONAL_TYPES.get(key)
+            if kind is not None and not _type_ok(value, kind):
+                raise ConfigError(f"{key}: expected {getattr(kind, '__name__', 'a number')} or None, got {type(value).__name__} {value!r}")
+        elif value is None:
+            raise ConfigError(f"{key}: must be set (got None; the recipe's value is {expected!r})")
         elif isinstance(expected, (tuple, list)):
-            ok = isinstance(value, (tuple, list))
-        else:
-            ok = isinstance(value, type(expected))
-        if not ok:
+            if not isinstance(value, (tuple, list)):
+                raise ConfigError(f"{key}: expected a sequence, got {type(value).__name__} {value!r}")
+            if key != "data.dirs" and (len(value) != len(expected) or not all(_type_ok(v, type(e)) for v, e in zip(value, expected))):
+                raise ConfigError(f"{key}: expected {len(expected)} values like {tuple(expected)!r}, got {value!r}")
+        elif not _type_ok(value, type(expected)):
             raise ConfigError(f"{key}: expected {type(expected).__name__}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and key not in _ANY_INT:
+            _require(value >= 0 if key in _NON_NEGATIVE else value > 0, key,
+                     f"must be {'>= 0' if key in _NON_NEGATIVE else 'positive'}, got {value}")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
