@@ -7,6 +7,11 @@ process killed mid-save leaves the previous checkpoint intact. The state restore
 its arrays are restored with the shardings of the new run, and the memory's layout depends only
 on its logical shards. The data iterator restores exactly when the process count and per-host
 batch are unchanged; otherwise the caller restarts it deterministically from the seed and step.
+
+Failures are the project's own errors: a save that cannot be written (full disk, quota) is a
+CheckpointSaveError naming the directory, the cause and the last complete checkpoint; a checkpoint
+that cannot be read back, or whose arrays no longer match the digest recorded when it was saved
+(OCDBT data files carry no checksum: a flipped bit restored silently), is a CheckpointCorruptError.
 """
 
 import dataclasses
@@ -19,9 +24,114 @@ import flax.linen as nn
 import grain
 import jax
 import ml_collections
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mermed_jax import sharding, train_state
+
+DIGEST_KEY = "state_digest"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; earlier complete checkpoints are untouched."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint that cannot be restored, or restores to other values than were saved."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:400] if text else ''}"
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, with save failures raised as CheckpointSaveError.
+
+    An async save fails in a background thread; Orbax re-raises the error at the next save() or at
+    wait_until_finished(), as whatever TensorStore raised (a full disk is "ValueError: OUT_OF_RANGE
+    ... File too large"), under hundreds of lines of interleaved thread tracebacks.
+    """
+
+    _in_flight: int | None = None
+
+    def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
+        self.wait_until_finished()  # Orbax waits here anyway; this attributes an async failure to its step
+        self._in_flight = step
+        try:
+            return super().save(step, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - TensorStore and the OS fail in many types
+            raise self._failed(step, e) from None
+
+    def wait_until_finished(self) -> None:
+        try:
+            super().wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(self._in_flight, e) from None
+        self._in_flight = None
+
+    def _failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+        complete = complete_steps(self.directory)
+        return CheckpointSaveError(
+            f"{self.directory}: saving the checkpoint of step {step} failed ({_first_line(error)}). "
+            f"The last complete checkpoint is step {complete[-1] if complete else None}, untouched; "
+            "free space (or fix the cause) and rerun the same command to resume from it."
+        )
+
+
+def complete_steps(directory: str | pathlib.Path) -> list[int]:
+    """Steps whose checkpoint directory was committed (renamed from its temporary name), from disk."""
+    root = pathlib.Path(directory)
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+    """[sum of 32-bit words, sum of words x (2i + 1)] mod 2^32: any one changed word changes both
+    (the weights are odd), a moved word the second."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    words = words.reshape(-1)
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * 2 + 1
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+
+
+def state_digest(state: Any) -> dict[str, list[int]]:
+    """Per-leaf digest of a (possibly sharded) state, computed on device; the same on every mesh."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+    digests = jax.jit(lambda xs: [_leaf_digest(x) for x in xs])(list(leaves))
+    return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(d)] for path, d in zip(paths, digests)}
+
+
+def _verify(state: Any, meta: dict, where: str) -> None:
+    saved = meta.get(DIGEST_KEY)
+    if saved is None:  # written before digests were recorded
+        return
+    found = state_digest(state)
+    changed = sorted(k for k in saved if found.get(k) != saved[k])
+    if changed or set(found) != set(saved):
+        raise CheckpointCorruptError(
+            f"{where}: the restored arrays differ from those saved ({len(changed)} of {len(saved)} leaves changed, "
+            f"first {changed[:3]}): the checkpoint files were damaged after the save. Move this step's "
+            "directory away to resume from the previous complete checkpoint."
+        )
+
+
+def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: Any) -> Any:
+    try:
+        return manager.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - TensorStore, JSON and pytree errors of a damaged directory
+        others = [s for s in complete_steps(manager.directory) if s != step]
+        raise CheckpointCorruptError(
+            f"{manager.directory}/{step}: the checkpoint cannot be restored ({_first_line(e)}); its files are "
+            f"damaged or incomplete. Move this step's directory away to resume from another complete "
+            f"checkpoint (steps {others})."
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +148,7 @@ def make_manager(workdir: pathlib.Path, checkpoint_config: Any) -> ocp.Checkpoin
         enable_async_checkpointing=checkpoint_config.async_save,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(
+    return _Manager(
         pathlib.Path(workdir).absolute() / "checkpoints",
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
@@ -50,13 +160,14 @@ def make_manager(workdir: pathlib.Path, checkpoint_config: Any) -> ocp.Checkpoin
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any, meta: dict) -> bool:
-    """Starts an async save now (all processes call it; the caller decides when)."""
+    """Starts an async save now (all processes call it; the caller decides when). The meta records
+    the state's digest, which every restore checks."""
     return manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave({**meta, DIGEST_KEY: state_digest(state)}),
         ),
         force=True,
     )
@@ -69,7 +180,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
     The data iterator is restored in place when the saved process count and per-host batch equal
     `expected_meta`'s; otherwise it is left alone and `data_restored` is False.
     """
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _restore_or_explain(manager, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     same_layout = all(meta.get(k) == expected_meta.get(k) for k in ("process_count", "host_batch"))
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if same_layout:
@@ -82,7 +193,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
             step, meta.get("process_count"), meta.get("host_batch"),
             expected_meta.get("process_count"), expected_meta.get("host_batch"),
         )
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = _restore_or_explain(manager, step, ocp.args.Composite(**items))
+    _verify(restored["state"], meta, f"{manager.directory}/{step}")
     return Restored(state=restored["state"], meta=meta, data_restored=same_layout)
 
 
@@ -105,7 +217,7 @@ def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tu
     config = load_config(workdir)
     manager = ocp.CheckpointManager(
         pathlib.Path(workdir).absolute() / "checkpoints",
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
     )
     step = manager.latest_step() if step is None else step
@@ -114,6 +226,9 @@ def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tu
     abstract = nn.unbox(jax.eval_shape(lambda: train_state.init_train_state(config, jax.random.key(0))))
     repl = sharding.replicated(sharding.make_mesh((-1, 1, 1), jax.local_devices()[:1]))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    restored = _restore_or_explain(manager, step, ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     manager.close()
+    state = restored["state"]
+    _verify(state, restored["meta"], f"{workdir}/checkpoints/{step}")
     return state, config, step
