@@ -178,10 +178,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = [(make_source(args), args.dataset)]
         for source, dataset in jobs:
             print(convert(source, key, _options(args, dataset)).summary())
-    except (ConversionError, ValueError, FileNotFoundError) as e:
+    except OSError as e:  # an unwritable or full output, an unreadable source folder
+        print(f"error: {_os_error_message(e, args)}", file=sys.stderr)
+        return 1
+    except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _os_error_message(error: OSError, args: argparse.Namespace) -> str:
+    """The error, naming its path unless that path is in a DICOM/NIfTI source, where folder and
+    file names may name patients."""
+    path = pathlib.Path(os.fsdecode(error.filename)).absolute() if error.filename is not None else None
+    out = args.out.absolute()
+    private = args.kind in ("dicom", "nifti")
+    if path is None or not private or path == out or out in path.parents:
+        return str(error)
+    return f"{error.strerror} (a path in the source; not shown, as DICOM/NIfTI paths may name patients)"
 
 
 if __name__ == "__main__":
