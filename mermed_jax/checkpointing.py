@@ -58,11 +58,12 @@ class _Manager(ocp.CheckpointManager):
 
     def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
         self.wait_until_finished()  # Orbax waits here anyway; this attributes an async failure to its step
-        self._in_flight = step
         try:
-            return super().save(step, *args, **kwargs)
+            saved = super().save(step, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - TensorStore and the OS fail in many types
             raise self._failed(step, e) from None
+        self._in_flight = step  # after: Orbax's save calls wait_until_finished, which resets it
+        return saved
 
     def wait_until_finished(self) -> None:
         try:
@@ -104,7 +105,10 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
 def state_digest(state: Any) -> dict[str, list[int]]:
     """Per-leaf digest of a (possibly sharded) state, computed on device; the same on every mesh."""
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
-    digests = jax.jit(lambda xs: [_leaf_digest(x) for x in xs])(list(leaves))
+    # Replicated outputs, so that every process can read them when the state spans several hosts.
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
+    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
+    digests = jax.jit(lambda xs: [_leaf_digest(x) for x in xs], out_shardings=out)(list(leaves))
     return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(d)] for path, d in zip(paths, digests)}
 
 

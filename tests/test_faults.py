@@ -88,6 +88,7 @@ def test_full_disk_during_a_save_is_a_clear_error_and_the_job_resumes(tmp_path):
     complete = checkpointing.complete_steps(tmp_path / "checkpoints")
     assert "CheckpointSaveError" in err and "File too large" in err, err[-3000:]
     assert f"The last complete checkpoint is step {complete[-1]}, untouched" in err
+    assert f"saving the checkpoint of step {complete[-1] + 1} failed" in err
     out = _finish(tmp_path, complete[-1] + 1)
     assert out.splitlines() == [f"resumed {complete[-1]}", f"saved {complete[-1] + 1}"]
 
