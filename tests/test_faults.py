@@ -35,7 +35,7 @@ from mermed_jax.interop.trees import backbone_shapes, unflatten
 from mermed_jax.models.vit import ViTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-KILLS = int(os.environ.get("MERMED_FAULT_KILLS", 4))  # kill points per run; the long run raises it
+KILLS = int(os.environ.get("MERMED_FAULT_KILLS", 4))  # kill points per run; `make fuzz` sets 40
 
 
 def _finish(workdir: pathlib.Path, last_step: int) -> str:
@@ -53,8 +53,9 @@ def _kill_group(proc) -> None:
 
 # --------------------------------------------------------------------------- checkpoint saving
 
+@pytest.mark.fuzz
 def test_kill9_at_random_points_of_saving_loses_no_committed_checkpoint(tmp_path):
-    rng = random.Random(8)
+    rng = random.Random(os.environ.get("MERMED_FAULT_SEED", "8"))
     during_save = 0
     latest = 0
     for kill in range(KILLS):
