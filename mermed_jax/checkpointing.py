@@ -15,6 +15,7 @@ that cannot be read back, or whose arrays no longer match the digest recorded wh
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -23,8 +24,8 @@ from typing import Any
 import flax.linen as nn
 import grain
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -95,11 +96,17 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
     if x.dtype == jnp.bool_:
         words = x.astype(jnp.uint32)
     else:
-        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]  # 8: two words
         words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
     words = words.reshape(-1)
     weights = jnp.arange(words.size, dtype=jnp.uint32) * 2 + 1
     return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+
+
+@functools.lru_cache(maxsize=4)
+def _digest_fn(out_sharding: jax.sharding.Sharding | None):
+    """One jitted function per output sharding, so a job compiles its digest once, not per save."""
+    return jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves], out_shardings=out_sharding)
 
 
 def state_digest(state: Any) -> dict[str, list[int]]:
@@ -108,7 +115,7 @@ def state_digest(state: Any) -> dict[str, list[int]]:
     # Replicated outputs, so that every process can read them when the state spans several hosts.
     mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
     out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
-    digests = jax.jit(lambda xs: [_leaf_digest(x) for x in xs], out_shardings=out)(list(leaves))
+    digests = _digest_fn(out)(list(leaves))
     return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(d)] for path, d in zip(paths, digests)}
 
 
