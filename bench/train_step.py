@@ -104,15 +104,6 @@ def build(args):
     return config
 
 
-def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    b, c = config.global_batch, config.crops
-    return {
-        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
-        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
-        "modality": (np.arange(b) % NUM_MODALITIES).astype(np.int32),
-    }
-
-
 def _full_memory(state):
     """All ids set (gating on), as after the first K / B steps of training."""
     ids = state.memory.ids
@@ -256,7 +247,7 @@ def main(argv=None) -> dict:
     state = _full_memory(state)
     step = train_step.make_train_step(config, pixel_mean, pixel_std, mesh=mesh)
     jitted = train_step.jit_train_step(step, mesh, shardings)
-    batch = sharding.to_global(synthetic_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
+    batch = sharding.to_global(train_step.random_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
     schedules = build_schedules(config)
     hparams = {k: jnp.asarray(v) for k, v in schedules.at(len(schedules) // 2).items()}
     rng = jax.random.key(1)

@@ -17,11 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from mermed_jax import sharding as sharding_lib
-from mermed_jax.modalities import MODALITIES
+from mermed_jax.modalities import MODALITIES, NUM_MODALITIES
 from mermed_jax.preprocess import normalize_images
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.ema import ema_update
@@ -119,6 +120,18 @@ def abstract_batch(config: ml_collections.ConfigDict,
         "modality": ((b,), jnp.int32),
     }
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
+
+
+def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator,
+                 num_modalities: int = NUM_MODALITIES) -> dict[str, np.ndarray]:
+    """A global batch of uniform-noise crops and random modalities, abstract_batch's shapes: the
+    input of benchmarks and of tests that need the step, not the data pipeline."""
+    b, c = config.global_batch, config.crops
+    return {
+        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
+        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
+        "modality": rng.integers(0, num_modalities, b).astype(np.int32),
+    }
 
 
 def to_micro_batches(batch: Batch, num_micro: int, batch_shards: int) -> Batch:

@@ -25,16 +25,6 @@ STEPS = 5
 MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)
 
 
-def global_batches(config) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(0)
-    b, c = config.global_batch, config.crops
-    return [{
-        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
-        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
-        "modality": rng.integers(0, 3, b).astype(np.int32),
-    } for _ in range(STEPS)]
-
-
 def main(out: str) -> None:
     distributed.initialize()
     config = load_config_file(ROOT / "configs" / "demo_cpu.py", ARGS)
@@ -45,7 +35,9 @@ def main(out: str) -> None:
     rows = config.global_batch // jax.process_count()
     start = jax.process_index() * rows  # jax.devices() lists process 0's devices first
     losses = []
-    for i, batch in enumerate(global_batches(config)):
+    rng = np.random.default_rng(0)
+    for i in range(STEPS):
+        batch = train_step.random_batch(config, rng, num_modalities=3)
         local = {k: v[start:start + rows] for k, v in batch.items()}
         state, metrics = step(state, sharding.to_global(local, sharding.batch_sharding(mesh)), jax.random.key(1), schedules.at(i + 3))
         losses.append(float(metrics["loss"]))

@@ -12,7 +12,6 @@ initialization failed: DEADLINE_EXCEEDED": gloo gives the processes a fixed 30 s
 first collective, and compile-time skew between them can exceed that (docs/pods.md).
 """
 
-import json
 import os
 import pathlib
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import checkpointing
 from mermed_jax.modalities import MODALITIES
+from job_outputs import losses_by_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
@@ -53,15 +53,6 @@ def _pretrain_args(workdir, data_dirs, max_steps: int) -> list[str]:
     return ["--config=configs/demo_cpu.py", f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-def _losses(workdir) -> dict[int, float]:
-    out = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
 def test_two_hosts_resume_exactly(tmp_path):
     data = tmp_path / "data"
     write_demo_data(data, images_per_modality=24, size=40, seed=0, shard_size=8)
@@ -76,7 +67,7 @@ def test_two_hosts_resume_exactly(tmp_path):
     assert step_a == step_b == 10
     for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    losses_a, losses_b = _losses(straight), _losses(resumed)
+    losses_a, losses_b = losses_by_step(straight), losses_by_step(resumed)
     assert sorted(losses_a) == list(range(1, 11))
     assert losses_a == losses_b
     # every host saved its own data iterator; only host 0 wrote metrics

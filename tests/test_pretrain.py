@@ -20,6 +20,7 @@ from mermed_jax.config_lib import load_config_file
 from mermed_jax.interop.export import export_params
 from mermed_jax.modalities import MODALITIES
 from mermed_jax.ssl import schedules as schedules_lib
+from job_outputs import losses_by_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 4  # steps before the interruption; runs go to 2N
@@ -84,16 +85,6 @@ def _complete_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in root.glob("[0-9]*") if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
 
 
-def _losses(workdir) -> dict[int, float]:
-    """Last logged loss per step (a resumed run logs again from its checkpoint)."""
-    out = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
 def _assert_states_equal(a, b):
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
@@ -115,7 +106,7 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dirs):
     state_b, _, step_b = checkpointing.load_train_state(killed)
     assert step_a == step_b == 2 * N
     _assert_states_equal(state_a, state_b)
-    losses_a, losses_b = _losses(straight), _losses(killed)
+    losses_a, losses_b = losses_by_step(straight), losses_by_step(killed)
     assert sorted(losses_a) == list(range(1, 2 * N + 1))
     assert losses_a == losses_b
 
@@ -123,7 +114,7 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dirs):
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dirs):
     overrides = _overrides(data_dirs, max_steps=1000, **{"checkpoint.every_steps": 1000})
     proc = _start(tmp_path, overrides)
-    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(_losses(tmp_path)) >= 3, proc)
+    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(losses_by_step(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     saved = _complete_steps(tmp_path)
@@ -132,7 +123,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dirs):
     _run(tmp_path, _overrides(data_dirs, max_steps=stopped_at + 2, **{"checkpoint.every_steps": 1000}))
     _, _, step = checkpointing.load_train_state(tmp_path)
     assert step == stopped_at + 2
-    assert sorted(_losses(tmp_path))[-1] == stopped_at + 2
+    assert sorted(losses_by_step(tmp_path))[-1] == stopped_at + 2
 
 
 def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path, data_dirs):
@@ -184,7 +175,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_job(tmp_path, data_dirs, m
     monkeypatch.setattr(pretrain, "build_schedules", poisoned)
     with pytest.raises(pretrain.NonFiniteTrainingError, match=r"last 3 updates.*max_skipped_steps=3.*checkpoint is step 4"):
         pretrain.train(config, tmp_path)
-    losses = _losses(tmp_path)
+    losses = losses_by_step(tmp_path)
     assert np.isnan(losses[3]) and np.isfinite(losses[4])
     assert _complete_steps(tmp_path) == [4]
     state, _, _ = checkpointing.load_train_state(tmp_path)

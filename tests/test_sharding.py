@@ -54,14 +54,9 @@ def _config(use_bn: bool):
     return load_config_file(ROOT / "configs" / "demo_cpu.py", f"{ARGS},head.use_bn={use_bn}")
 
 
-def _batches(config) -> list[dict[str, np.ndarray]]:
+def _batches(config, steps: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
-    b, c = config.global_batch, config.crops
-    return [{
-        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
-        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
-        "modality": rng.integers(0, 3, b).astype(np.int32),
-    } for _ in range(STEPS)]
+    return [train_step.random_batch(config, rng, num_modalities=3) for _ in range(steps)]
 
 
 def _train(config, mesh_shape, devices, steps=STEPS) -> list[tuple[dict, float]]:
@@ -71,7 +66,7 @@ def _train(config, mesh_shape, devices, steps=STEPS) -> list[tuple[dict, float]]
     step = train_step.jit_train_step(train_step.make_train_step(config, MEAN, STD, mesh=mesh), mesh, shardings)
     schedules = build_schedules(config)
     out = []
-    for i, batch in enumerate(_batches(config)[:steps]):
+    for i, batch in enumerate(_batches(config, steps)):
         state, metrics = step(state, sharding.to_global(batch, sharding.batch_sharding(mesh)), jax.random.key(1), schedules.at(i + 3))
         out.append((jax.tree.map(np.asarray, state), float(metrics["loss"]), float(metrics["gating_active"])))
     return out
@@ -147,7 +142,7 @@ def test_left_out_parameters_have_zero_gradient(use_bn):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     state, _ = sharding.create_sharded(lambda: train_state.init_train_state(config, jax.random.key(0)), mesh)
     loss_fn = train_step.make_loss_fn(config, MEAN, STD)
-    batch = jax.tree.map(jnp.asarray, _batches(config)[0])
+    batch = jax.tree.map(jnp.asarray, _batches(config, 1)[0])
     partition = memory_lib.stratified_partition(jax.random.key(2), state.memory, config.memory.partition_size)
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, state.teacher_params, state, batch, jax.random.key(0), partition,
                                                build_schedules(config).at(3))[0]))(state.params)

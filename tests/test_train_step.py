@@ -30,13 +30,7 @@ def setup():
 
 
 def _batch(seed, config):
-    rng = np.random.default_rng(seed)
-    b, c = config.global_batch, config.crops
-    return {
-        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
-        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
-        "modality": rng.integers(0, 7, b).astype(np.int32),
-    }
+    return train_step.random_batch(config, np.random.default_rng(seed))
 
 
 def test_teacher_receives_no_gradient(setup):

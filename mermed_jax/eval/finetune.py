@@ -27,6 +27,7 @@ from mermed_jax import optim, sharding
 from mermed_jax.eval import augment
 from mermed_jax.eval.encoders import RANDOM, Encoder
 from mermed_jax.models.vit import LN_EPS, ViT, ViTConfig
+from mermed_jax.preprocess import normalize_images
 from mermed_jax.ssl.schedules import cosine_schedule
 
 HEAD_INIT_STD = 2e-5
@@ -121,7 +122,7 @@ def finetune(cfg: ml_collections.ConfigDict, encoder: Encoder, task: str, num_cl
 
     @functools.partial(jax.jit, in_shardings=(repl, data), out_shardings=data)
     def predict(params, images):
-        x = (images.astype(jnp.float32) / 255.0 - modality_mean) / modality_std
+        x = normalize_images(images, jnp.full(images.shape[:1], modality), mean, std)
         logits = model.apply({"params": params}, x, train=False)
         return jax.nn.sigmoid(logits) if task == "multilabel" else jax.nn.softmax(logits)
 
