@@ -11,7 +11,7 @@ import pytest
 
 from mermed_jax.models.head import HeadConfig, MultiCropNetwork, ProjectionHead
 from mermed_jax.models.pos_embed import resize_pos_embed_grid
-from mermed_jax.models.vit import ViT, ViTConfig, exact_gelu
+from mermed_jax.models.vit import PatchEmbed, ViT, ViTConfig, exact_gelu
 
 TINY = dict(width=32, depth=3, num_heads=2, mlp_dim=64, img_size=32, dtype="float32")
 
@@ -166,3 +166,24 @@ def test_multicrop_network_runs_one_head_over_all_resolutions():
     variables = net.init(jax.random.key(0), crops, train=False)
     out, _ = net.apply(variables, crops, train=True, mutable=["batch_stats"])
     assert out.shape == (6, 3, 8)
+
+
+def test_patch_embed_is_the_stride_p_convolution():
+    """PatchEmbed computes a VALID stride-p convolution as one dot (kernel [p, p, 3, width]), leftover
+    pixels dropped; its gradients match too."""
+    images = jax.random.normal(jax.random.key(0), (3, 40, 56, 3))
+    module = PatchEmbed(width=8, patch_size=16, dtype=jnp.float32)
+    params = module.init(jax.random.key(1), images)["params"]
+    params = {"kernel": nn.unbox(params["kernel"]), "bias": jax.random.normal(jax.random.key(2), (8,))}
+
+    def conv(p, x):
+        y = jax.lax.conv_general_dilated(x, p["kernel"], (16, 16), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + p["bias"]
+
+    ours = module.apply({"params": params}, images)
+    assert ours.shape == (3, 2, 3, 8)
+    np.testing.assert_allclose(ours, conv(params, images), rtol=1e-5, atol=1e-5)
+    grad_ours = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, images) ** 2))(params)
+    grad_conv = jax.grad(lambda p: jnp.sum(conv(p, images) ** 2))(params)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(grad_ours[name], grad_conv[name], rtol=1e-4, atol=1e-4)

@@ -187,6 +187,38 @@ class ViTConfig:
         return cls(**fields)
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens [B, H/p, W/p, width], as one matmul.
+
+    The parameters of a stride-p convolution (kernel [p, p, channels, width], bias), so timm and
+    DINO weights load unchanged, but computed by flattening the patches: XLA:CPU lowers the
+    convolution's weight gradient (a convolution with rhs dilation p) to a naive loop, which took
+    60% of a ViT-S/16 train step; as a dot it is a few milliseconds. Pixels beyond the last whole
+    patch are dropped, as a VALID convolution does.
+    """
+
+    width: int
+    patch_size: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+        p = self.patch_size
+        batch, height, width, channels = images.shape
+        grid_h, grid_w = height // p, width // p
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            (p, p, channels, self.width), jnp.float32,
+        )
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                          (self.width,), jnp.float32)
+        patches = images[:, : grid_h * p, : grid_w * p].astype(self.dtype)
+        patches = patches.reshape(batch, grid_h, p, grid_w, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, grid_h, grid_w, p * p * channels)
+        flat_kernel = kernel.reshape(p * p * channels, self.width).astype(self.dtype)
+        return patches @ flat_kernel + bias.astype(self.dtype)
+
+
 class ViT(nn.Module):
     """Returns the CLS token and the mean patch token after the final norm, and the mean patch
     token before it (the input of a fine-tuning head that replaces the final norm)."""
@@ -199,12 +231,7 @@ class ViT(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         if cfg.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={cfg.remat_policy!r}: expected one of {list(REMAT_POLICIES)}")
-        x = nn.Conv(
-            cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
-            dtype=dtype, name="patch_embed",
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        )(images.astype(dtype))
+        x = PatchEmbed(cfg.width, cfg.patch_size, dtype, name="patch_embed")(images)
         batch, grid_h, grid_w, _ = x.shape
         x = x.reshape(batch, grid_h * grid_w, cfg.width)
 
