@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# TCMalloc when installed (launch/preload_tcmalloc.sh says why): faster steps and compiles.
+export LD_PRELOAD := $(shell bash -c 'source launch/preload_tcmalloc.sh; echo "$$LD_PRELOAD"')
 
 DEMO_DATA := demo_data
 DEMO_WORKDIR := workdirs/demo

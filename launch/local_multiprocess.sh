@@ -31,6 +31,7 @@ shift $((OPTIND - 1))
 [[ "${1:-}" == "--" ]] && shift
 
 python="${PYTHON:-python}"
+source "$(dirname "$0")/preload_tcmalloc.sh"
 if [[ -z "$port" ]]; then
   port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi

@@ -52,10 +52,11 @@ on_all_workers "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/mermed.tar.gz -C ~/$REMO
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
   echo "tpu_pod: installing (jax[tpu] and requirements.txt) on all workers" >&2
   on_all_workers "cd ~/$REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip \
-    && .venv/bin/pip install -q 'jax[tpu]' -r requirements.txt"
+    && .venv/bin/pip install -q 'jax[tpu]' -r requirements.txt \
+    && (sudo apt-get install -y -q libtcmalloc-minimal4 || echo 'tpu_pod: no TCMalloc; continuing without')"
 fi
 
 args=""
 for a in "$@"; do args+=" $(printf '%q' "$a")"; done
 echo "tpu_pod: starting pretraining on all workers" >&2
-on_all_workers "cd ~/$REMOTE_DIR && .venv/bin/python -m mermed_jax.pretrain$args"
+on_all_workers "cd ~/$REMOTE_DIR && source launch/preload_tcmalloc.sh && .venv/bin/python -m mermed_jax.pretrain$args"
