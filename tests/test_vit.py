@@ -117,8 +117,8 @@ def test_scan_and_remat_give_the_same_outputs_and_gradients(remat):
         out = ViT(cfg).apply({"params": p}, images, train=False)
         return jnp.sum(out["cls"] ** 2) + jnp.sum(out["patch_mean"])
 
-    v0, g0 = jax.value_and_grad(lambda p: loss(base, p))(params)
-    v1, g1 = jax.value_and_grad(lambda p: loss(scanned_cfg, p))(scanned_params)
+    v0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(base, p)))(params)
+    v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(scanned_cfg, p)))(scanned_params)
     np.testing.assert_allclose(float(v0), float(v1), rtol=1e-5)
     g0 = _stack_blocks(dict(g0), base.depth)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
