@@ -237,9 +237,14 @@ def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tu
     abstract = nn.unbox(jax.eval_shape(lambda: train_state.init_train_state(config, jax.random.key(0))))
     repl = sharding.replicated(sharding.make_mesh((-1, 1, 1), jax.local_devices()[:1]))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
-    restored = _restore_or_explain(manager, step, ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    # A checkpoint written without the job's meta item (by hand, or a state-only export) has no
+    # digest to check; the state itself still restores.
+    has_meta = (pathlib.Path(manager.directory) / str(step) / "meta").is_dir()
+    items = {"state": ocp.args.StandardRestore(target)}
+    if has_meta:
+        items["meta"] = ocp.args.JsonRestore()
+    restored = _restore_or_explain(manager, step, ocp.args.Composite(**items))
     manager.close()
     state = restored["state"]
-    _verify(state, restored["meta"], f"{workdir}/checkpoints/{step}")
+    _verify(state, restored["meta"] if has_meta else {}, f"{workdir}/checkpoints/{step}")
     return state, config, step
