@@ -119,7 +119,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
                                               profile_duration_ms=None))
     bar = _progress_bar(stop_at, start_step)
     last_logged: dict[str, float] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
     def nonfinite_streak(at_step: int) -> int:
         """Consecutive skipped updates (one host sync); raises once there are too many."""
@@ -136,7 +136,10 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     step = start_step
     preempted = False
     while step < stop_at:
-        batch = sharding.to_global(next(data_iterator), batch_sharding)
+        wait_start = time.perf_counter()
+        host_batch = next(data_iterator)
+        data_wait += time.perf_counter() - wait_start
+        batch = sharding.to_global(host_batch, batch_sharding)
         state, step_metrics = compiled_step(state, batch, step_rng, schedules.at(step))
         step += 1
         window_steps += 1
@@ -151,10 +154,12 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
             elapsed = time.perf_counter() - window_start
             scalars.update(metrics.throughput_metrics(flops_per_step, elapsed / window_steps, config.global_batch, peak))
             scalars.update({f"data/{k}": v for k, v in data_iterator.metrics().items()})
+            # The loader keeps up when this stays near 0: the step runs while the next batch loads.
+            scalars["data/wait_fraction"] = data_wait / elapsed
             scalars["skipped_steps"] = float(state.skipped_steps)
             writer.write_scalars(step, scalars)
             last_logged = scalars
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
         preempted = manager.reached_preemption(step)
         if preempted or step % config.checkpoint.every_steps == 0 or step == stop_at:

@@ -210,3 +210,4 @@ def test_init_checkpoint_loads_into_student_and_teacher(tmp_path, data_dirs):
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     for name in MODALITIES:
         assert np.isfinite(logged[f"memory_loss/{name}"]) and f"memory_fill/{name}" in logged, name
+    assert 0.0 <= logged["data/wait_fraction"] <= 1.0
