@@ -3,8 +3,9 @@
 #
 # The device image has Python 3.12 with jax (CUDA), flax, optax, orbax, absl-py and PyYAML, but no
 # ml_collections (needed by mermed_jax.config_lib / train_state / train_step), grain, clu or
-# tensorflow. bench/train_step.py needs none of grain/clu/tensorflow (it loads mermed_jax.metrics
-# with a clu stand-in), so only ml_collections travels, as a wheel in .whl/ (git-ignored).
+# tensorflow. bench/train_step.py imports none of grain/clu/tensorflow (mermed_jax.metrics keeps
+# clu out; the writers are in metric_writers.py), so only ml_collections travels, as a wheel in
+# .whl/ (git-ignored).
 #
 # Prepare here, once (from the repo root):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -104,7 +104,7 @@ def build(args):
     return config
 
 
-def _full_memory(state):
+def full_memory(state):
     """All ids set (gating on), as after the first K / B steps of training."""
     ids = state.memory.ids
     full = (jnp.arange(ids.size, dtype=jnp.int32) % NUM_MODALITIES).reshape(ids.shape)
@@ -208,7 +208,8 @@ def check_loss(path: str) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def argument_parser() -> argparse.ArgumentParser:
+    """The step's flags (model, batch, crops, memory, timed steps), shared with profile_step.py."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="S/16")
     p.add_argument("--batch", type=int, default=8, help="per-device batch")
@@ -221,6 +222,11 @@ def main(argv=None) -> dict:
     p.add_argument("--memory", type=int, default=0, help="memory size K (0: the paper's 131,072)")
     p.add_argument("--config-args", default=None, help="extra config_lib key=value,... overrides")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    return p
+
+
+def main(argv=None) -> dict:
+    p = argument_parser()
     p.add_argument("--parts", action="store_true", help="also time the parts separately")
     p.add_argument("--peak-size", type=int, default=0, help="matmul n for the peak (0: 2048 CPU, 8192 else)")
     p.add_argument("--best-peak-gflops", type=float, default=0.0,
@@ -244,7 +250,7 @@ def main(argv=None) -> dict:
     with sharding.axis_rules_context(mesh):
         state, shardings = sharding.create_sharded(
             lambda: train_state.init_train_state(config, jax.random.key(config.seed)), mesh)
-    state = _full_memory(state)
+    state = full_memory(state)
     step = train_step.make_train_step(config, pixel_mean, pixel_std, mesh=mesh)
     jitted = train_step.jit_train_step(step, mesh, shardings)
     batch = sharding.to_global(train_step.random_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))

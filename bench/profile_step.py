@@ -1,0 +1,93 @@
+"""Where the train step's time goes: one step under jax.profiler, summarised by XLA op kind.
+
+Builds the same step as bench/train_step.py (same flags), runs it once to warm up, traces the
+next `--steps` steps, and prints the busy time of each kind of XLA:CPU thunk (ynn_fusion: the
+dots, run by YNNPACK; copy/transpose fusions: layout changes; convolution; ...) with its share,
+the wall time, and how busy the executor threads were (busy thread-seconds / threads x wall).
+On this CPU it found the patch embedding's convolution gradient, run as a naive loop, taking 60%
+of a ViT-S/16 step (BENCHMARKS.md).
+
+Usage:
+  .venv/bin/python bench/profile_step.py --variant S/16 --batch 8 --dtype float32 [--trace-dir DIR]
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import train_step as bench  # bench/train_step.py: flags, config and synthetic inputs
+from mermed_jax import sharding, train_state, train_step
+from mermed_jax.modalities import NUM_MODALITIES
+from mermed_jax.ssl.schedules import build_schedules
+
+_EXECUTOR_EVENTS = ("ThunkExecutor", "SlinkyThreadPool")
+
+
+def op_kind_seconds(trace_dir: str) -> tuple[dict[str, float], dict[str, int], int]:
+    """Busy seconds and counts per op kind (name without its numeric suffix) on XLA's threads."""
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    seconds, counts, threads = collections.Counter(), collections.Counter(), set()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):
+                continue
+            threads.add(line.name)
+            for event in line.events:
+                if event.name.startswith(_EXECUTOR_EVENTS):
+                    continue
+                kind = re.sub(r"[.\d]+$", "", event.name)
+                seconds[kind] += event.duration_ns / 1e9
+                counts[kind] += 1
+    return dict(seconds), dict(counts), len(threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = bench.argument_parser()
+    parser.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary directory)")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    config = bench.build(args)
+    mesh = sharding.make_mesh((-1, 1, 1))
+    stats = np.full((NUM_MODALITIES, 3), 0.45, np.float32), np.full((NUM_MODALITIES, 3), 0.25, np.float32)
+    with sharding.axis_rules_context(mesh):
+        state, shardings = sharding.create_sharded(
+            lambda: train_state.init_train_state(config, jax.random.key(config.seed)), mesh)
+    state = bench.full_memory(state)
+    step = train_step.jit_train_step(train_step.make_train_step(config, *stats, mesh=mesh), mesh, shardings)
+    batch = sharding.to_global(train_step.random_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
+    schedules = build_schedules(config)
+    hparams = {k: jnp.asarray(v) for k, v in schedules.at(len(schedules) // 2).items()}
+    rng = jax.random.key(1)
+    compiled = step.lower(state, batch, rng, hparams).compile()
+    state, metrics = compiled(state, batch, rng, hparams)
+    jax.block_until_ready(metrics)
+
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="mermed_profile_")
+    jax.profiler.start_trace(trace_dir)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, batch, rng, hparams)
+        jax.block_until_ready((state.step, metrics))
+    wall = (time.perf_counter() - start) / args.steps
+    jax.profiler.stop_trace()
+
+    seconds, counts, threads = op_kind_seconds(trace_dir)
+    busy = sum(seconds.values()) / args.steps
+    print(f"{args.variant} batch {args.batch} {args.dtype}: {wall:.2f} s/step wall, {busy:.2f} busy thread-s/step "
+          f"on {threads} executor threads ({busy / (max(threads, 1) * wall):.0%} busy); trace in {trace_dir}")
+    print(f"{'op kind':32s} {'s/step':>8s} {'share':>6s} {'calls':>7s}")
+    for kind, total in sorted(seconds.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"{kind:32s} {total / args.steps:8.3f} {total / args.steps / busy:6.1%} {counts[kind] // args.steps:7d}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
