@@ -7,9 +7,10 @@
    4 devices equal 1 process x 8 devices on the same (2, 4, 1) mesh: the loss at 1e-5 and every
    parameter, teacher and memory leaf at 1e-5 relative, the keys' part of the qkv bias left out
    (its gradient is identically zero; see tests/test_sharding.py).
-About 2 minutes each on an idle 2-core machine. Under heavy load they can fail with "Gloo context
-initialization failed: DEADLINE_EXCEEDED": gloo gives the processes a fixed 30 s to meet at their
-first collective, and compile-time skew between them can exceed that (docs/pods.md).
+About 2 minutes each on an idle 2-core machine. gloo gives the processes a fixed 30 s to meet at
+a collective; the pretraining job meets at a coordination barrier after compiling (docs/pods.md),
+while test 2's script (tests/_fed_steps.py) compiles inside its first step and can still fail
+with "Gloo context initialization failed: DEADLINE_EXCEEDED" under heavy load.
 """
 
 import os
