@@ -32,6 +32,11 @@ def main(out: str) -> None:
     state, shardings = sharding.create_sharded(lambda: train_state.init_train_state(config, jax.random.key(0)), mesh)
     step = train_step.jit_train_step(train_step.make_train_step(config, MEAN, STD, mesh=mesh), mesh, shardings)
     schedules = build_schedules(config)
+    batch_sharding = sharding.batch_sharding(mesh)
+    # compiled before the first collective and a barrier after, as pretrain does (gloo's 30 s rendezvous)
+    step = step.lower(state, train_step.abstract_batch(config, batch_sharding), jax.random.key(1),
+                      schedules.at(3)).compile()
+    distributed.barrier("fed_steps_compiled")
     rows = config.global_batch // jax.process_count()
     start = jax.process_index() * rows  # jax.devices() lists process 0's devices first
     losses = []
@@ -39,7 +44,7 @@ def main(out: str) -> None:
     for i in range(STEPS):
         batch = train_step.random_batch(config, rng, num_modalities=3)
         local = {k: v[start:start + rows] for k, v in batch.items()}
-        state, metrics = step(state, sharding.to_global(local, sharding.batch_sharding(mesh)), jax.random.key(1), schedules.at(i + 3))
+        state, metrics = step(state, sharding.to_global(local, batch_sharding), jax.random.key(1), schedules.at(i + 3))
         losses.append(float(metrics["loss"]))
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
     leaves = multihost_utils.process_allgather(list(leaves), tiled=True)

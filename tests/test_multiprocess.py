@@ -8,9 +8,8 @@
    parameter, teacher and memory leaf at 1e-5 relative, the keys' part of the qkv bias left out
    (its gradient is identically zero; see tests/test_sharding.py).
 About 2 minutes each on an idle 2-core machine. gloo gives the processes a fixed 30 s to meet at
-a collective; the pretraining job meets at a coordination barrier after compiling (docs/pods.md),
-while test 2's script (tests/_fed_steps.py) compiles inside its first step and can still fail
-with "Gloo context initialization failed: DEADLINE_EXCEEDED" under heavy load.
+a collective, so both programs compile their step first and meet at a coordination barrier
+before running it (docs/pods.md).
 """
 
 import os
