@@ -124,14 +124,11 @@ def abstract_batch(config: ml_collections.ConfigDict,
 
 def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator,
                  num_modalities: int = NUM_MODALITIES) -> dict[str, np.ndarray]:
-    """A global batch of uniform-noise crops and random modalities, abstract_batch's shapes: the
+    """A global batch of abstract_batch's shapes: uniform-noise crops and random modalities, the
     input of benchmarks and of tests that need the step, not the data pipeline."""
-    b, c = config.global_batch, config.crops
-    return {
-        "global": rng.integers(0, 256, (b, c.num_global, c.global_size, c.global_size, 3), dtype=np.uint8),
-        "local": rng.integers(0, 256, (b, c.num_local, c.local_size, c.local_size, 3), dtype=np.uint8),
-        "modality": rng.integers(0, num_modalities, b).astype(np.int32),
-    }
+    shapes = abstract_batch(config)
+    crops = {k: rng.integers(0, 256, shapes[k].shape, dtype=np.uint8) for k in ("global", "local")}
+    return {**crops, "modality": rng.integers(0, num_modalities, shapes["modality"].shape).astype(np.int32)}
 
 
 def to_micro_batches(batch: Batch, num_micro: int, batch_shards: int) -> Batch:
