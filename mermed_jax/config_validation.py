@@ -127,7 +127,6 @@ def validate_config(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
     _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
     _require(config.mesh.granule in sharding.GRANULES, "mesh.granule",
              f"{config.mesh.granule!r} is not one of {sharding.GRANULES}")
-    _require(config.mesh.processes_per_granule >= 1, "mesh.processes_per_granule", "must be >= 1")
     if devices is not None:
         try:
             shape = tuple(sharding.mesh_from_config(config.mesh, devices).devices.shape)
