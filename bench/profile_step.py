@@ -1,6 +1,6 @@
 """Where the train step's time goes: one step under jax.profiler, summarised by XLA op kind.
 
-Builds the same step as bench/train_step.py (same flags), runs it once to warm up, traces the
+Compiles the same step as bench/train_step.py (same flags), runs it once to warm up, traces the
 next `--steps` steps, and prints the busy time of each kind of XLA:CPU thunk (ynn_fusion: the
 dots, run by YNNPACK; copy/transpose fusions: layout changes; convolution; ...) with its share,
 the wall time, and how busy the executor threads were (busy thread-seconds / threads x wall).
@@ -21,13 +21,8 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-import train_step as bench  # bench/train_step.py: flags, config and synthetic inputs
-from mermed_jax import sharding, train_state, train_step
-from mermed_jax.modalities import NUM_MODALITIES
-from mermed_jax.ssl.schedules import build_schedules
+import train_step as bench  # bench/train_step.py: flags, config and the compiled step
 
 _EXECUTOR_EVENTS = ("ThunkExecutor", "SlinkyThreadPool")
 
@@ -55,19 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary directory)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
-    config = bench.build(args)
-    mesh = sharding.make_mesh((-1, 1, 1))
-    stats = np.full((NUM_MODALITIES, 3), 0.45, np.float32), np.full((NUM_MODALITIES, 3), 0.25, np.float32)
-    with sharding.axis_rules_context(mesh):
-        state, shardings = sharding.create_sharded(
-            lambda: train_state.init_train_state(config, jax.random.key(config.seed)), mesh)
-    state = bench.full_memory(state)
-    step = train_step.jit_train_step(train_step.make_train_step(config, *stats, mesh=mesh), mesh, shardings)
-    batch = sharding.to_global(train_step.random_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
-    schedules = build_schedules(config)
-    hparams = {k: jnp.asarray(v) for k, v in schedules.at(len(schedules) // 2).items()}
-    rng = jax.random.key(1)
-    compiled = step.lower(state, batch, rng, hparams).compile()
+    compiled, state, batch, rng, hparams = bench.compile_step(bench.build(args))
     state, metrics = compiled(state, batch, rng, hparams)
     jax.block_until_ready(metrics)
 

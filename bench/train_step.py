@@ -43,6 +43,7 @@ import platform
 import resource
 import sys
 import time
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -110,6 +111,37 @@ def full_memory(state):
     full = (jnp.arange(ids.size, dtype=jnp.int32) % NUM_MODALITIES).reshape(ids.shape)
     full = jax.device_put(full, ids.sharding)
     return state.replace(memory=state.memory.replace(ids=full))
+
+
+PIXEL_MEAN = np.full((NUM_MODALITIES, 3), 0.45, np.float32)
+PIXEL_STD = np.full((NUM_MODALITIES, 3), 0.25, np.float32)
+
+
+class CompiledStep(NamedTuple):
+    """The compiled step and its inputs, ready to call as compiled(state, batch, rng, hparams)."""
+
+    compiled: Any
+    state: Any
+    batch: dict[str, jax.Array]
+    rng: jax.Array
+    hparams: dict[str, jax.Array]
+
+
+def compile_step(config) -> CompiledStep:
+    """The full train step on a data mesh over all local devices, compiled for synthetic inputs,
+    a full memory and mid-training schedule values (see the module docstring)."""
+    mesh = sharding.make_mesh((-1, 1, 1))
+    with sharding.axis_rules_context(mesh):
+        state, shardings = sharding.create_sharded(
+            lambda: train_state.init_train_state(config, jax.random.key(config.seed)), mesh)
+    state = full_memory(state)
+    step = train_step.make_train_step(config, PIXEL_MEAN, PIXEL_STD, mesh=mesh)
+    jitted = train_step.jit_train_step(step, mesh, shardings)
+    batch = sharding.to_global(train_step.random_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
+    schedules = build_schedules(config)
+    hparams = {k: jnp.asarray(v) for k, v in schedules.at(len(schedules) // 2).items()}
+    rng = jax.random.key(1)
+    return CompiledStep(jitted.lower(state, batch, rng, hparams).compile(), state, batch, rng, hparams)
 
 
 def time_parts(config, state, batch, hparams, pixel_mean, pixel_std, steps: int) -> dict[str, float]:
@@ -242,23 +274,10 @@ def main(argv=None) -> dict:
     backend = jax.default_backend()
     config = build(args)
     n_dev = jax.device_count()
-    mesh = sharding.make_mesh((-1, 1, 1))
-    pixel_mean = np.full((NUM_MODALITIES, 3), 0.45, np.float32)
-    pixel_std = np.full((NUM_MODALITIES, 3), 0.25, np.float32)
-
     t0 = time.perf_counter()
-    with sharding.axis_rules_context(mesh):
-        state, shardings = sharding.create_sharded(
-            lambda: train_state.init_train_state(config, jax.random.key(config.seed)), mesh)
-    state = full_memory(state)
-    step = train_step.make_train_step(config, pixel_mean, pixel_std, mesh=mesh)
-    jitted = train_step.jit_train_step(step, mesh, shardings)
-    batch = sharding.to_global(train_step.random_batch(config, np.random.default_rng(0)), sharding.batch_sharding(mesh))
-    schedules = build_schedules(config)
-    hparams = {k: jnp.asarray(v) for k, v in schedules.at(len(schedules) // 2).items()}
-    rng = jax.random.key(1)
-    compiled = jitted.lower(state, batch, rng, hparams).compile()
+    setup = compile_step(config)
     compile_s = time.perf_counter() - t0
+    compiled, state, batch, rng, hparams = setup.compiled, setup.state, setup.batch, setup.rng, setup.hparams
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -310,7 +329,7 @@ def main(argv=None) -> dict:
     if args.best_peak_gflops:
         result["mfu_vs_given_peak"] = achieved / (n_dev * args.best_peak_gflops * 1e9)
     if args.parts:
-        parts = time_parts(config, state, batch, hparams, pixel_mean, pixel_std, max(2, args.steps // 2))
+        parts = time_parts(config, state, batch, hparams, PIXEL_MEAN, PIXEL_STD, max(2, args.steps // 2))
         result["parts_s"] = parts
         result["parts_sum_s"] = sum(parts.values())
         part_flops = {"student_fwd_bwd": by_part["student_forward_backward"],
