@@ -8,7 +8,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -20,10 +19,12 @@ from mermed_jax.config_lib import load_config_file
 from mermed_jax.interop.export import export_params
 from mermed_jax.modalities import MODALITIES
 from mermed_jax.ssl import schedules as schedules_lib
+from _checkpoint_job import saving_now, wait_for
 from job_outputs import losses_by_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 4  # steps before the interruption; runs go to 2N
+JOB_TIMEOUT_S = 240.0  # the real CLI compiles for about half a minute before its first step
 pytestmark = pytest.mark.slow
 
 
@@ -70,19 +71,8 @@ def _start(workdir, overrides, devices=2) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(predicate, proc, timeout=240.0, poll=0.01):
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"job ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        if time.time() > deadline:
-            raise AssertionError("timed out waiting for the job")
-        time.sleep(poll)
-
-
 def _complete_steps(workdir) -> list[int]:
-    root = pathlib.Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in root.glob("[0-9]*") if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    return checkpointing.complete_steps(pathlib.Path(workdir) / "checkpoints")
 
 
 def _assert_states_equal(a, b):
@@ -96,7 +86,7 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dirs):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _run(straight, _overrides(data_dirs))
     proc = _start(killed, _overrides(data_dirs, **{"data.worker_count": 1}))
-    _wait_for(lambda: N in _complete_steps(killed), proc)
+    wait_for(lambda: N in _complete_steps(killed), proc, timeout=JOB_TIMEOUT_S)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: Grain's worker process too
     assert proc.wait() == -signal.SIGKILL
     assert 2 * N not in _complete_steps(killed)
@@ -114,7 +104,8 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dirs):
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dirs):
     overrides = _overrides(data_dirs, max_steps=1000, **{"checkpoint.every_steps": 1000})
     proc = _start(tmp_path, overrides)
-    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(losses_by_step(tmp_path)) >= 3, proc)
+    wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(losses_by_step(tmp_path)) >= 3, proc,
+             timeout=JOB_TIMEOUT_S)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     saved = _complete_steps(tmp_path)
@@ -129,8 +120,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dirs):
 def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path, data_dirs):
     overrides = _overrides(data_dirs, max_steps=60, **{"checkpoint.every_steps": 1, "checkpoint.keep": 100})
     proc = _start(tmp_path, overrides)
-    in_flight = lambda: any((tmp_path / "checkpoints").glob("*.orbax-checkpoint-tmp*")) and len(_complete_steps(tmp_path)) >= 2  # noqa: E731
-    _wait_for(in_flight, proc, poll=0.001)
+    wait_for(lambda: saving_now(tmp_path) and len(_complete_steps(tmp_path)) >= 2, proc, timeout=JOB_TIMEOUT_S, poll=0.001)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     complete = _complete_steps(tmp_path)
