@@ -3,7 +3,7 @@
 #
 # The device image has Python 3.12 with jax (CUDA), flax, optax, orbax, absl-py and PyYAML, but no
 # ml_collections (needed by mermed_jax.config_lib / train_state / train_step), grain, clu or
-# tensorflow. bench/train_step.py imports none of grain/clu/tensorflow (mermed_jax.metrics keeps
+# tensorflow. bench/train_step.py imports none of grain/clu/tensorflow (mermed_jax.training.flops keeps
 # clu out; the writers are in metric_writers.py), so only ml_collections travels, as a wheel in
 # .whl/ (git-ignored).
 #

@@ -6,13 +6,13 @@ take, op for op: RandomRotation (PIL `rotate`, NEAREST, same canvas, fill 0), Ra
 (`crop` then `resize` BICUBIC, which antialiases), RandomHorizontalFlip (`transpose`),
 ColorJitter (ImageEnhance Brightness / Contrast / Color, and adjust_hue's uint8 HSV shift, in a
 random order), and the DINO-lineage GaussianBlur (`ImageFilter.GaussianBlur(radius=sigma)`). Both
-sides draw their parameters with `data_pipelines.augment.sample_multicrop`, torchvision's sampling
+sides draw their parameters with `data_pipelines.multicrop.sample_multicrop`, torchvision's sampling
 rules, so they do the same work per image.
 
 Rates are images per CPU-second (process CPU time, so per core and insensitive to other load on
 the machine), with OpenCV held to one thread. Three columns:
   pil       decode (PIL) + 12 crops -> uint8 arrays, the reference
-  ours      decode (records.decode_image) + augment.multicrop into a batch buffer
+  ours      decode (records.decode_image) + multicrop.multicrop into a batch buffer
   pipeline  the full Grain training pipeline over TFRecord shards written to a temp dir:
             read + CRC + parse + decode + multi-crop + modality-balanced batching
 
@@ -37,7 +37,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from data_pipelines import augment  # noqa: E402
+from data_pipelines import multicrop  # noqa: E402
 
 
 def _pil_hue(img: Image.Image, factor: float) -> Image.Image:
@@ -56,7 +56,7 @@ _PIL_JITTER = {
 }
 
 
-def pil_crop(img: Image.Image, params: augment.CropParams, size: int,
+def pil_crop(img: Image.Image, params: multicrop.CropParams, size: int,
              rotate_resample: int = Image.NEAREST) -> Image.Image:
     """One crop through torchvision's PIL code paths (see module docstring)."""
     img = img.rotate(params.angle, resample=rotate_resample, expand=False, fillcolor=(0, 0, 0))
@@ -72,10 +72,10 @@ def pil_crop(img: Image.Image, params: augment.CropParams, size: int,
     return img
 
 
-def pil_multicrop(img: Image.Image, rng: np.random.Generator, cfg: augment.MultiCropConfig
+def pil_multicrop(img: Image.Image, rng: np.random.Generator, cfg: multicrop.MultiCropConfig
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The reference multi-crop of one RGB PIL image, as uint8 arrays like `augment.multicrop`."""
-    globals_, locals_ = augment.sample_multicrop(rng, img.height, img.width, cfg)
+    """The reference multi-crop of one RGB PIL image, as uint8 arrays like `multicrop.multicrop`."""
+    globals_, locals_ = multicrop.sample_multicrop(rng, img.height, img.width, cfg)
     g = np.stack([np.asarray(pil_crop(img, p, cfg.global_size)) for p in globals_])
     loc = np.stack([np.asarray(pil_crop(img, p, cfg.local_size)) for p in locals_])
     return g, loc
@@ -100,7 +100,7 @@ def _measure(work: Callable[[], int], seconds: float) -> float:
     return done / (time.process_time() - start)
 
 
-def pil_work(blobs: list[bytes], cfg: augment.MultiCropConfig) -> Callable[[], int]:
+def pil_work(blobs: list[bytes], cfg: multicrop.MultiCropConfig) -> Callable[[], int]:
     """One pass of the reference over the images: PIL decode + multi-crop."""
     rng = np.random.default_rng(0)
 
@@ -112,7 +112,7 @@ def pil_work(blobs: list[bytes], cfg: augment.MultiCropConfig) -> Callable[[], i
     return work
 
 
-def ours_work(blobs: list[bytes], cfg: augment.MultiCropConfig) -> Callable[[], int]:
+def ours_work(blobs: list[bytes], cfg: multicrop.MultiCropConfig) -> Callable[[], int]:
     """One pass of ours over the images: OpenCV decode + multi-crop into a batch buffer."""
     from data_pipelines import records
 
@@ -122,7 +122,7 @@ def ours_work(blobs: list[bytes], cfg: augment.MultiCropConfig) -> Callable[[], 
 
     def work() -> int:
         for blob in blobs:
-            augment.multicrop(records.decode_image(blob, channels=3), rng, cfg, global_out, local_out)
+            multicrop.multicrop(records.decode_image(blob, channels=3), rng, cfg, global_out, local_out)
         return len(blobs)
 
     return work
@@ -152,7 +152,7 @@ def write_dataset(blobs: list[bytes], modality: str, directory: pathlib.Path) ->
     return directory
 
 
-def pipeline_work(directory: pathlib.Path, cfg: augment.MultiCropConfig, batch: int = 32) -> Callable[[], int]:
+def pipeline_work(directory: pathlib.Path, cfg: multicrop.MultiCropConfig, batch: int = 32) -> Callable[[], int]:
     """One batch of the Grain training pipeline, on one thread in this process (so CPU time is all of it)."""
     from data_pipelines.pipeline import TrainConfig, train_iterator
 
@@ -174,7 +174,7 @@ def main() -> None:
     import cv2
 
     cv2.setNumThreads(1)
-    cfg = augment.MultiCropConfig()  # 2 x 224 + 10 x 96, the paper's settings
+    cfg = multicrop.MultiCropConfig()  # 2 x 224 + 10 x 96, the paper's settings
     realdata = pathlib.Path(args.realdata)
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, python {platform.python_version()}, opencv {cv2.__version__}, "

@@ -9,7 +9,7 @@ loader (bench/input_pipeline.py measures that).
 
 Numbers reported:
   * images/s: global batch / median seconds per step (each step blocked on its result).
-  * FLOPs per step: the analytic model count of mermed_jax.metrics.step_flops (matmuls only,
+  * FLOPs per step: the analytic model count of mermed_jax.training.flops.step_flops (matmuls only,
     student x3 for forward+backward, no remat), next to XLA's cost_analysis() of the compiled step
     (which also counts elementwise work and any recomputation) and their ratio.
   * MFU = analytic FLOPs / s / (devices x peak), where the peak is the best rate of a square matmul
@@ -25,7 +25,7 @@ Numbers reported:
     else XLA's memory analysis of the compiled step and the process's max RSS.
 
 Imports: jax, flax, optax and ml_collections only; neither clu nor tensorflow (their writers live
-in mermed_jax/metric_writers.py), checked at the end (`import_check` in the output).
+in mermed_jax/training/metric_writers.py), checked at the end (`import_check` in the output).
 
 Usage:
   .venv/bin/python bench/train_step.py --variant S/16 --batch 8 --dtype bfloat16
@@ -51,8 +51,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mermed_jax import config_lib, metrics, sharding, train_state, train_step  # noqa: E402
-from mermed_jax.modalities import NUM_MODALITIES  # noqa: E402
+from mermed_jax.models import networks
+from mermed_jax import config_lib, sharding  # noqa: E402
+from mermed_jax.training import flops, train_state, train_step  # noqa: E402
+from data_pipelines.modalities import NUM_MODALITIES  # noqa: E402
 from mermed_jax.ssl import memory as memory_lib  # noqa: E402
 from mermed_jax.ssl.ema import ema_update  # noqa: E402
 from mermed_jax.ssl.loss import memory_cross_entropy  # noqa: E402
@@ -146,7 +148,7 @@ def compile_step(config) -> CompiledStep:
 
 def time_parts(config, state, batch, hparams, pixel_mean, pixel_std, steps: int) -> dict[str, float]:
     """Median seconds of each part, jitted separately (see module docstring)."""
-    student_net, teacher_net = train_state.build_networks(config)
+    student_net, teacher_net = networks.build_networks(config)
     optimizer = train_state.make_student_optimizer(config)
     mean, std = jnp.asarray(pixel_mean), jnp.asarray(pixel_std)
     modality = batch["modality"]
@@ -294,8 +296,8 @@ def main(argv=None) -> dict:
     sec = float(np.median(times))
     loss = float(m["loss"])
 
-    backbone = train_state.backbone_config(config, teacher=False)
-    by_part = metrics.step_flops(config, backbone)
+    backbone = networks.backbone_config(config, teacher=False)
+    by_part = flops.step_flops(config, backbone)
     analytic = float(sum(by_part.values()))
     n = args.peak_size or (2048 if backend == "cpu" else 8192)
     peaks = {dt: matmul_peak(dt, n) for dt in ("float32", "bfloat16")}

@@ -15,7 +15,7 @@ OCT 0.928 vs 0.896, derm 0.861 vs 0.766 (52 test images each).
 """
 
 from mermed_jax import config_lib
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 
 
 def get_config(arg: str | None = None):

@@ -11,7 +11,7 @@ Expected: the pretrained teacher's AUROC above the random network's on most moda
 
 from mermed_jax import config_lib
 from mermed_jax.eval.config import eval_recipe
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 
 
 def get_config(arg: str | None = None):

@@ -44,7 +44,7 @@ from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.nifti import NiftiSource
 from data_pipelines.sources.synthetic import write_demo_data
 from data_pipelines.splits import parse_fractions
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 
 
 def _common(parser: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:

@@ -12,7 +12,7 @@ A batch, per host, with B = local devices x per-device batch, device d owning ro
 [d * b, (d + 1) * b) grouped by modality:
     global    uint8 [B, num_global, G, G, 3]
     local     uint8 [B, num_local, L, L, 3]
-    modality  int32 [B]   (ids of mermed_jax.modalities)
+    modality  int32 [B]   (ids of data_pipelines.modalities)
 Images stay uint8 until the train step normalises them on device with `stats.modality_stats`.
 `mermed_jax.sharding.to_global` turns the host batches into global jax.Arrays.
 
@@ -49,8 +49,8 @@ from absl import flags
 from google.protobuf import message
 
 from data_pipelines import record_source, records, sampler
-from data_pipelines.augment import MultiCropConfig, keyed_rng, multicrop
-from mermed_jax.modalities import MODALITIES, modality_id
+from data_pipelines.multicrop import MultiCropConfig, keyed_rng, multicrop
+from data_pipelines.modalities import MODALITIES, modality_id
 
 _AUG_KEY = 2  # key namespace of augmentation generators
 _MAX_CONSECUTIVE_SKIPS = 100

@@ -28,7 +28,7 @@ from tensorflow_datasets.core import naming
 
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import records
-from mermed_jax.modalities import modality_id
+from data_pipelines.modalities import modality_id
 
 _MAX_OPEN_FILES = 64  # per reading thread
 _TFDS_INFO = "dataset_info.json"

@@ -12,7 +12,7 @@ Example schema (flat keys so a TFDS FeaturesDict of the same names emits identic
     image        bytes   encoded PNG (8- or 16-bit) or JPEG
     image_format bytes   "png" | "jpeg"
     height, width, channels  int64
-    modality     bytes   one of mermed_jax.modalities.MODALITIES
+    modality     bytes   one of data_pipelines.modalities.MODALITIES
     labels       int64[] class indices (one for single-label, several or none for multi-label)
     dataset      bytes   dataset name
     image_id     bytes   keyed HMAC of the source path/UID (see privacy.py); identifies nobody
@@ -35,7 +35,7 @@ from google.protobuf import message
 from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipelines.manifest import load_manifest  # noqa: F401  (re-exported for readers)
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")

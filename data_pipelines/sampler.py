@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from data_pipelines.augment import keyed_rng
+from data_pipelines.multicrop import keyed_rng
 
 # Length of the cyclic remainder pattern; divisible by 1..8, so equal weights over up to eight
 # modalities give an exact rotation.

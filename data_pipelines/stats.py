@@ -1,7 +1,7 @@
 """Per-modality normalisation constants for the train step's on-device normalisation.
 
 Batches travel as uint8 (4x less host-to-device traffic than float32); the train step
-(mermed_jax.train_step.normalize_crops) turns them into (x / 255 - mean[modality]) /
+(mermed_jax.training.train_step.normalize_crops) turns them into (x / 255 - mean[modality]) /
 std[modality] with the arrays returned here. No per-modality statistics from the MerMED-FM
 paper were at hand, so the defaults are ImageNet's for every modality (the usual torchvision
 Normalize of DINO-lineage code); `modality_stats(dirs)` replaces them with the statistics the
@@ -18,7 +18,7 @@ import numpy as np
 
 from data_pipelines import records
 from data_pipelines.manifest import pooled_stats
-from mermed_jax.modalities import NUM_MODALITIES, modality_id
+from data_pipelines.modalities import NUM_MODALITIES, modality_id
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

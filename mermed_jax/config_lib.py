@@ -40,7 +40,7 @@ def paper_recipe() -> ml_collections.ConfigDict:
         num_heads=config_dict.placeholder(int), mlp_dim=config_dict.placeholder(int),
     ))
     c.head = ml_collections.ConfigDict(dict(hidden_dim=2048, bottleneck_dim=256, num_layers=3, use_bn=True))
-    # Multi-crop augmentation (data_pipelines.augment.MultiCropConfig's fields).
+    # Multi-crop augmentation (data_pipelines.multicrop.MultiCropConfig's fields).
     c.crops = ml_collections.ConfigDict(dict(
         num_global=2, global_size=224, global_scale=(0.2, 1.0),
         num_local=10, local_size=96, local_scale=(0.05, 0.2), ratio=(3 / 4, 4 / 3),
@@ -76,7 +76,7 @@ def paper_recipe() -> ml_collections.ConfigDict:
         every_steps=1000, keep=3, keep_period=config_dict.placeholder(int), async_save=True,
     ))
     c.profile = ml_collections.ConfigDict(dict(every_steps=5000, num_steps=5))  # 0: never
-    # Peak FLOP/s per device for MFU; None: from the device kind (mermed_jax.metrics).
+    # Peak FLOP/s per device for MFU; None: from the device kind (mermed_jax.training.flops).
     c.peak_tflops_per_device = config_dict.placeholder(float)
     # The official code starts student and teacher from ImageNet DINO ViT-B/16.
     c.init_checkpoint = config_dict.placeholder(str)

@@ -113,8 +113,8 @@ def main(argv: list[str]) -> None:
         print(f"results: {eval_dir}/results.md, results.csv, plots in {eval_dir}")
 
 
-if __name__ == "__main__":
-    # Flags are defined only when run as a program, so the CLIs can be imported together (tests).
+def run() -> None:
+    """The command line: flags are defined here, not at import, so the CLIs can be imported together (tests)."""
     config_flags.DEFINE_config_file("config", None, "Eval config file (configs/eval_*.py), with :args.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Pretraining workdir whose checkpoints are evaluated.")
     flags.DEFINE_string("export", None, "Evaluate an exported encoder file instead of checkpoints.")
@@ -122,3 +122,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("step", None, "Evaluate this checkpoint step (overrides config.checkpoints).")
     flags.DEFINE_bool("watch", False, "Evaluate every new checkpoint as training writes it.")
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -24,10 +24,10 @@ from mermed_jax.interop.export import ARCH_FIELDS, FORMATS, config_path, export_
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import unflatten
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.vit import ViTConfig
-from mermed_jax.train_state import backbone_config
+from mermed_jax.models.networks import backbone_config
 
 
 def _configs_from_json(checkpoint: pathlib.Path) -> tuple[ViTConfig, HeadConfig | None, dict | None]:
@@ -74,11 +74,15 @@ def main(argv: list[str]) -> None:
     print(f"wrote {flags.FLAGS.out} and {json_path}")
 
 
-if __name__ == "__main__":
-    # Flags are defined only when run as a program, so the CLIs can be imported together (tests).
+def run() -> None:
+    """The command line: flags are defined here, not at import, so the CLIs can be imported together (tests)."""
     flags.DEFINE_string("checkpoint", None, "Weights to export (.msgpack, .safetensors, .pth).", required=True)
     flags.DEFINE_enum("format", "safetensors", sorted(FORMATS), "Output format.")
     flags.DEFINE_string("out", None, "Output weights file; its config JSON is written beside it.", required=True)
     flags.DEFINE_bool("with_head", False, "Also export the projection head (DINO names in safetensors/pth).")
     config_flags.DEFINE_config_file("config", None, "Pretraining config that defines the architecture.")
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -26,9 +26,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mermed_jax import hlo_stats, sharding, train_state, train_step
+from mermed_jax import sharding
+from mermed_jax.training import hlo_stats, train_state, train_step
 from mermed_jax.config_validation import validate_config
-from mermed_jax.modalities import NUM_MODALITIES
+from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax.ssl.schedules import build_schedules
 
 
@@ -116,11 +117,15 @@ def main(argv) -> None:
     print(json.dumps(result) if flags.FLAGS.json else format_plan(result))
 
 
-if __name__ == "__main__":
-    # Flags are defined only when run as a program, so the CLIs can be imported together (tests).
+def run() -> None:
+    """The command line: flags are defined here, not at import, so the CLIs can be imported together (tests)."""
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), with :args.", lock_config=False)
     flags.DEFINE_integer("devices", 8, "Simulated devices to plan for.")
     flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (-1: auto); default: the config's mesh.shape.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.mark_flags_as_required(["config"])
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

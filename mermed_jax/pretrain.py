@@ -23,7 +23,9 @@ from clu import parameter_overview, periodic_actions
 from ml_collections import config_flags
 
 from data_pipelines import pipeline, stats
-from mermed_jax import checkpointing, distributed, metric_writers, metrics, sharding, train_state, train_step
+from mermed_jax.models import networks
+from mermed_jax import distributed, sharding
+from mermed_jax.training import checkpointing, flops, metric_writers, train_state, train_step
 from mermed_jax.config_validation import validate_config
 from mermed_jax.interop import importer
 from mermed_jax.ssl.schedules import build_schedules
@@ -105,10 +107,10 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
                                   schedules.at(start_step)).compile()
     logging.info("train step compiled in %.1f s", time.perf_counter() - compile_start)
     distributed.barrier("train_step_compiled")  # every host starts stepping together
-    flops = metrics.step_flops(config, train_state.backbone_config(config, teacher=False))
-    flops_per_step = sum(flops.values())
-    peak = metrics.peak_flops_per_device(config)
-    logging.info("model FLOPs per step: %.3g (%s)", flops_per_step, {k: f"{v:.3g}" for k, v in flops.items()})
+    flops_by_part = flops.step_flops(config, networks.backbone_config(config, teacher=False))
+    flops_per_step = sum(flops_by_part.values())
+    peak = flops.peak_flops_per_device(config)
+    logging.info("model FLOPs per step: %.3g (%s)", flops_per_step, {k: f"{v:.3g}" for k, v in flops_by_part.items()})
 
     # ------------------------------------------------------------------ loop
     writer = metric_writers.make_writer(workdir)
@@ -150,9 +152,9 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
 
         if step % config.log_every_steps == 0 or step == stop_at:
             nonfinite_streak(step)
-            scalars = metrics.host_scalars(step_metrics)
+            scalars = metric_writers.host_scalars(step_metrics)
             elapsed = time.perf_counter() - window_start
-            scalars.update(metrics.throughput_metrics(flops_per_step, elapsed / window_steps, config.global_batch, peak))
+            scalars.update(flops.throughput_metrics(flops_per_step, elapsed / window_steps, config.global_batch, peak))
             scalars.update({f"data/{k}": v for k, v in data_iterator.metrics().items()})
             # The loader keeps up when this stays near 0: the step runs while the next batch loads.
             scalars["data/wait_fraction"] = data_wait / elapsed
@@ -196,9 +198,13 @@ def main(argv) -> None:
         print(json.dumps({k: summary[k] for k in ("step", "loss", "preempted") if k in summary}))
 
 
-if __name__ == "__main__":
-    # Flags are defined only when run as a program, so that evaluate.py's can coexist in tests.
+def run() -> None:
+    """The command line: flags are defined here, not at import, so the CLIs can be imported together (tests)."""
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py), with :args.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved config go.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,4 +1,4 @@
-"""A stand-in pretraining job for fault injection: checkpoints through mermed_jax.checkpointing.
+"""A stand-in pretraining job for fault injection: checkpoints through mermed_jax.training.checkpointing.
 
   python -m tests._checkpoint_job WORKDIR LAST_STEP
 
@@ -35,7 +35,7 @@ def run(workdir: str, last_step: int) -> None:
     import ml_collections  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from mermed_jax import checkpointing  # noqa: PLC0415
+    from mermed_jax.training import checkpointing  # noqa: PLC0415
 
     options = ml_collections.ConfigDict(dict(keep=3, keep_period=None, async_save=True))
     manager = checkpointing.make_manager(pathlib.Path(workdir), options)

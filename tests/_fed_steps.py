@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mermed_jax import distributed, sharding, train_state, train_step
+from mermed_jax import distributed, sharding
+from mermed_jax.training import train_state, train_step
 from mermed_jax.config_lib import load_config_file
 from mermed_jax.ssl.schedules import build_schedules
 

@@ -17,7 +17,7 @@ from data_pipelines.sources.csv_manifest import CsvSource
 from data_pipelines.sources.image_folder import ImageFolderSource
 from data_pipelines.sources.synthetic import CLASS_NAMES, SyntheticSource, demo_key, synthetic_image, write_demo_data
 from data_pipelines.splits import assign_splits, parse_fractions
-from mermed_jax.modalities import MODALITIES, modality_id
+from data_pipelines.modalities import MODALITIES, modality_id
 
 KEY = bytes(range(32))
 

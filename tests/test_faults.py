@@ -26,9 +26,10 @@ import pytest
 from _checkpoint_job import META, saving_now, start, state_at, wait_for
 from data_pipelines import convert as convert_cli
 from data_pipelines import pipeline
-from data_pipelines.augment import MultiCropConfig
+from data_pipelines.multicrop import MultiCropConfig
 from data_pipelines.sources.synthetic import write_demo_data
-from mermed_jax import checkpointing, pretrain
+from mermed_jax import pretrain
+from mermed_jax.training import checkpointing
 from mermed_jax.config_lib import load_config_file
 from mermed_jax.interop.export import export_params
 from mermed_jax.interop.trees import backbone_shapes, unflatten

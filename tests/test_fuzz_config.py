@@ -19,7 +19,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from fuzzing import budget
-from mermed_jax import pretrain, train_state
+from mermed_jax import pretrain
+from mermed_jax.training import train_state
 from mermed_jax.config_lib import load_config_file
 from mermed_jax.config_validation import ConfigError, validate_config
 from mermed_jax.ssl.schedules import build_schedules

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mermed_jax import hlo_stats
+from mermed_jax.training import hlo_stats
 
 
 def _compiled(fn, x, mesh):

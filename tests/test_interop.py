@@ -34,7 +34,8 @@ from mermed_jax.interop.trees import (
 )
 from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.vit import ViT, ViTConfig
-from mermed_jax.train_state import TrainState, backbone_config, build_networks
+from mermed_jax.models.networks import backbone_config, build_networks
+from mermed_jax.training.train_state import TrainState
 
 SMALL = ViTConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=4, img_size=32, dtype="float32")
 SMALL_HEAD = HeadConfig(hidden_dim=32, bottleneck_dim=16)

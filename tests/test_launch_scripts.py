@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from data_pipelines.sources.synthetic import write_demo_data
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"

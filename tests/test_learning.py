@@ -30,9 +30,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 import synthetic_views
-from mermed_jax import sharding, train_state, train_step
+from mermed_jax.models import networks
+from mermed_jax import sharding
+from mermed_jax.training import train_state, train_step
 from mermed_jax.config_lib import load_config_file
-from mermed_jax.modalities import NUM_MODALITIES
+from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax.models.vit import ViT
 from mermed_jax.ssl.schedules import build_schedules
 
@@ -87,7 +89,7 @@ def test_tiny_config_learns_features_a_linear_probe_can_use():
     schedules = build_schedules(config)
     assert len(schedules) == STEPS
 
-    backbone = ViT(train_state.backbone_config(config, teacher=True))
+    backbone = ViT(networks.backbone_config(config, teacher=True))
     cls_features = jax.jit(lambda params, x: backbone.apply(
         {"params": params["backbone"]}, (x.astype(jnp.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD, train=False,
     )["cls"])

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from data_pipelines.sources.synthetic import write_demo_data
-from mermed_jax import checkpointing
-from mermed_jax.modalities import MODALITIES
+from mermed_jax.training import checkpointing
+from data_pipelines.modalities import MODALITIES
 from job_outputs import losses_by_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

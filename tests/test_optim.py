@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mermed_jax.config_lib import load_config_file
-from mermed_jax.optim import clip_per_tensor, layer_decay_multipliers, make_optimizer, weight_decay_mask
+from mermed_jax.training.optim import clip_per_tensor, layer_decay_multipliers, make_optimizer, weight_decay_mask
 from mermed_jax.ssl.ema import ema_update
-from mermed_jax.train_state import abstract_params
+from mermed_jax.models.networks import abstract_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import eval_pipeline, manifest, record_source, records, sampler, stats
-from data_pipelines.augment import MultiCropConfig
+from data_pipelines.multicrop import MultiCropConfig
 from data_pipelines.pipeline import TrainConfig, train_iterator
-from mermed_jax.modalities import NUM_MODALITIES, modality_id
+from data_pipelines.modalities import NUM_MODALITIES, modality_id
 from mermed_jax.sharding import to_global
 
 TINY = MultiCropConfig(global_size=16, local_size=8, num_local=2)
@@ -402,7 +402,7 @@ jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, pro
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from data_pipelines.augment import MultiCropConfig
+from data_pipelines.multicrop import MultiCropConfig
 from data_pipelines.pipeline import TrainConfig, train_iterator
 from mermed_jax.sharding import to_global
 cfg = TrainConfig(dirs=tuple(json.loads(sys.argv[3])), per_device_batch=3, read_threads=0,

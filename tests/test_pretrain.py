@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 from data_pipelines.sources.synthetic import write_demo_data
-from mermed_jax import checkpointing, pretrain, sharding, train_state
+from mermed_jax.models import networks
+from mermed_jax import pretrain, sharding
+from mermed_jax.training import checkpointing, train_state
 from mermed_jax.config_lib import load_config_file
 from mermed_jax.interop.export import export_params
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 from mermed_jax.ssl import schedules as schedules_lib
 from _checkpoint_job import saving_now, wait_for
 from job_outputs import losses_by_step
@@ -179,7 +181,7 @@ def test_init_checkpoint_loads_into_student_and_teacher(tmp_path, data_dirs):
     donor = train_state.init_train_state(config, jax.random.key(123))
     weights = tmp_path / "donor.safetensors"
     export_params(checkpointing.nn.unbox(donor.params)["backbone"], None,
-                  train_state.backbone_config(config, teacher=True), weights, "safetensors")
+                  networks.backbone_config(config, teacher=True), weights, "safetensors")
     for key, value in _overrides(data_dirs, max_steps=1).items():
         node = config
         *parents, leaf = key.split(".")

@@ -26,7 +26,8 @@ from data_pipelines import stats
 from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
 from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.synthetic import write_demo_data
-from mermed_jax import checkpointing, evaluate, pretrain
+from mermed_jax import evaluate, pretrain
+from mermed_jax.training import checkpointing
 from mermed_jax.config_lib import load_config_file
 from mermed_jax.eval import encoders
 from mermed_jax.interop.export import export_params

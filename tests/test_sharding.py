@@ -33,9 +33,10 @@ import numpy as np
 import optax
 import pytest
 
-from mermed_jax import hlo_stats, sharding, train_state, train_step
+from mermed_jax import sharding
+from mermed_jax.training import hlo_stats, train_state, train_step
 from mermed_jax.config_lib import load_config_file
-from mermed_jax.modalities import NUM_MODALITIES
+from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.loss import memory_cross_entropy
 from mermed_jax.ssl.schedules import build_schedules

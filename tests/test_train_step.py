@@ -9,9 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from mermed_jax import sharding, train_state, train_step
+from mermed_jax.models import networks
+from mermed_jax import sharding
+from mermed_jax.training import train_state, train_step
 from mermed_jax.config_lib import load_config_file
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.schedules import build_schedules
 
@@ -64,7 +66,7 @@ def test_step_updates_state_and_enqueues_second_global_crop(setup):
         assert np.isfinite(float(metrics[f"memory_loss/{name}"])) == (m in present), name
     assert float(metrics["learning_rate"]) == pytest.approx(float(hp["learning_rate"]))
     # the teacher's second-global-crop embeddings, one block of B/S rows per logical shard
-    teacher_net = train_state.build_networks(config)[1]
+    teacher_net = networks.build_networks(config)[1]
     crops = train_step.normalize_crops(jnp.asarray(batch["global"]), jnp.asarray(batch["modality"]), MEAN, STD)
     emb, _ = teacher_net.apply({"params": before.teacher_params, "batch_stats": before.teacher_batch_stats},
                                [crops], train=True, mutable=["batch_stats"])

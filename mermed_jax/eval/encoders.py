@@ -20,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data_pipelines import stats
-from mermed_jax import checkpointing, train_state
+from mermed_jax.models import networks
+from mermed_jax.training import checkpointing, train_state
 from mermed_jax.models.vit import ViT, ViTConfig
 
 PIXELS = "pixels"
@@ -66,7 +67,7 @@ def pixel_statistics(pretrain_config: ml_collections.ConfigDict, normalization: 
 
 def eval_vit_config(pretrain_config: ml_collections.ConfigDict) -> ViTConfig:
     """The teacher's architecture, in fp32 (features feed probes; bf16 rounding buys nothing here)."""
-    return dataclasses.replace(train_state.backbone_config(pretrain_config, teacher=True), dtype="float32")
+    return dataclasses.replace(networks.backbone_config(pretrain_config, teacher=True), dtype="float32")
 
 
 def from_checkpoint(workdir: str | pathlib.Path, step: int | None, normalization: str = "pretrain") -> Encoder:

@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from mermed_jax import optim, sharding
+from mermed_jax import sharding
+from mermed_jax.training import optim
 from mermed_jax.eval import augment
 from mermed_jax.eval.encoders import RANDOM, Encoder
 from mermed_jax.models.vit import LN_EPS, ViT, ViTConfig

@@ -20,7 +20,7 @@ from mermed_jax.interop.export import ARCH_FIELDS, config_path
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import Tree, unflatten
-from mermed_jax.modalities import MODALITIES, modality_id
+from data_pipelines.modalities import MODALITIES, modality_id
 from mermed_jax.models.vit import ViT, ViTConfig
 from mermed_jax.preprocess import normalize_images
 

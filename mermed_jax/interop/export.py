@@ -20,7 +20,7 @@ from mermed_jax.interop import files, timm_names
 from mermed_jax.interop.trees import (
     Tree, backbone_shapes, flatten, path_str, to_numpy, unroll_blocks,
 )
-from mermed_jax.modalities import MODALITIES
+from data_pipelines.modalities import MODALITIES
 from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.vit import ViTConfig
 

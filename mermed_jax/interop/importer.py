@@ -29,7 +29,8 @@ from mermed_jax.interop.trees import (
 )
 from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.vit import ViTConfig
-from mermed_jax.train_state import TrainState, backbone_config
+from mermed_jax.models.networks import backbone_config
+from mermed_jax.training.train_state import TrainState
 
 _POS_TOKENS = (("pos_embed",), ("cls_token",), ("reg_token",))
 

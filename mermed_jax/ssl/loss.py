@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from mermed_jax.modalities import NUM_MODALITIES
+from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax.sharding import BATCH_AXES
 from mermed_jax.ssl.memory import MemoryState
 

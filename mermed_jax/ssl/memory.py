@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from mermed_jax.modalities import EMPTY_MODALITY_ID, NUM_MODALITIES
+from data_pipelines.modalities import EMPTY_MODALITY_ID, NUM_MODALITIES
 from mermed_jax.sharding import BATCH_AXES, num_batch_shards
 
 

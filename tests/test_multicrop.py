@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench.input_pipeline import pil_crop
-from data_pipelines import augment
-from data_pipelines.augment import CropParams, MultiCropConfig
+from data_pipelines import multicrop
+from data_pipelines.multicrop import CropParams, MultiCropConfig
 
 TINY = MultiCropConfig(global_size=32, local_size=16, num_local=2)
 
@@ -27,7 +27,7 @@ def smooth_image(height: int = 96, width: int = 128) -> np.ndarray:
 
 def ours(image: np.ndarray, params: CropParams, size: int) -> np.ndarray:
     out = np.empty((size, size, 3), np.uint8)
-    augment.apply_crop(augment._Pyramid(image), params, size, out)
+    multicrop.apply_crop(multicrop._Pyramid(image), params, size, out)
     return out
 
 
@@ -37,9 +37,9 @@ def reference(image: np.ndarray, params: CropParams, size: int) -> np.ndarray:
 
 def test_multicrop_shapes_and_determinism():
     image = smooth_image()
-    g1, l1 = augment.multicrop(image, augment.keyed_rng((0, 1, 2)), TINY)
-    g2, l2 = augment.multicrop(image, augment.keyed_rng((0, 1, 2)), TINY)
-    g3, _ = augment.multicrop(image, augment.keyed_rng((0, 1, 3)), TINY)
+    g1, l1 = multicrop.multicrop(image, multicrop.keyed_rng((0, 1, 2)), TINY)
+    g2, l2 = multicrop.multicrop(image, multicrop.keyed_rng((0, 1, 2)), TINY)
+    g3, _ = multicrop.multicrop(image, multicrop.keyed_rng((0, 1, 3)), TINY)
     assert g1.shape == (2, 32, 32, 3) and l1.shape == (2, 16, 16, 3)
     assert g1.dtype == l1.dtype == np.uint8
     np.testing.assert_array_equal(g1, g2)
@@ -50,33 +50,33 @@ def test_multicrop_shapes_and_determinism():
 @pytest.mark.parametrize("shape", [(20, 30), (20, 30, 1), (20, 30, 3)])
 def test_multicrop_accepts_grey_and_rgb(shape):
     image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
-    g, loc = augment.multicrop(image, np.random.default_rng(0), TINY)
+    g, loc = multicrop.multicrop(image, np.random.default_rng(0), TINY)
     assert g.shape == (2, 32, 32, 3) and loc.shape == (2, 16, 16, 3)
 
 
 def test_multicrop_rejects_float_images():
     with pytest.raises(ValueError, match="uint8"):
-        augment.multicrop(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0), TINY)
+        multicrop.multicrop(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0), TINY)
 
 
 def test_sample_box_follows_torchvision_rules():
     rng = np.random.default_rng(0)
     for _ in range(500):
-        top, left, h, w = augment.sample_box(rng, 96, 128, (0.05, 0.2), (3 / 4, 4 / 3))
+        top, left, h, w = multicrop.sample_box(rng, 96, 128, (0.05, 0.2), (3 / 4, 4 / 3))
         assert 0 <= top and top + h <= 96 and 0 <= left and left + w <= 128
         assert 0.04 <= h * w / (96 * 128) <= 0.21
         assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
     # A 2 x 100 strip has no valid box at these ratios: centre crop clamped to the ratio.
-    assert augment.sample_box(rng, 2, 100, (0.5, 1.0), (3 / 4, 4 / 3)) == (0, 48, 2, 3)
+    assert multicrop.sample_box(rng, 2, 100, (0.5, 1.0), (3 / 4, 4 / 3)) == (0, 48, 2, 3)
 
 
 def test_sampled_parameters_have_the_papers_rates():
     cfg = MultiCropConfig(global_blur_probs=(1.0, 0.1), local_blur_prob=0.5)
     rng = np.random.default_rng(1)
     n = 2000
-    g0 = [augment.sample_crop(rng, 64, 64, cfg, "global", 0) for _ in range(n)]
-    g1 = [augment.sample_crop(rng, 64, 64, cfg, "global", 1) for _ in range(n)]
-    loc = [augment.sample_crop(rng, 64, 64, cfg, "local", 0) for _ in range(n)]
+    g0 = [multicrop.sample_crop(rng, 64, 64, cfg, "global", 0) for _ in range(n)]
+    g1 = [multicrop.sample_crop(rng, 64, 64, cfg, "global", 1) for _ in range(n)]
+    loc = [multicrop.sample_crop(rng, 64, 64, cfg, "local", 0) for _ in range(n)]
     assert all(p.blur_sigma is not None and 0.1 <= p.blur_sigma <= 1.0 for p in g0)
     assert abs(np.mean([p.blur_sigma is not None for p in g1]) - 0.1) < 0.03
     assert abs(np.mean([p.blur_sigma is not None for p in loc]) - 0.5) < 0.04
@@ -160,16 +160,16 @@ def test_rotation_exposes_black_corners_like_torchvision():
 def test_any_image_size_gives_valid_crops(height, width, size, seed):
     cfg = MultiCropConfig(global_size=size, local_size=max(1, size // 2), num_local=2)
     image = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    g, loc = augment.multicrop(image, np.random.default_rng(seed), cfg)
+    g, loc = multicrop.multicrop(image, np.random.default_rng(seed), cfg)
     assert g.shape == (2, size, size, 3) and loc.shape == (2, max(1, size // 2), max(1, size // 2), 3)
 
 
 def test_center_crop():
     image = smooth_image(96, 128)
-    out = augment.center_crop(image, 32)
+    out = multicrop.center_crop(image, 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     constant = np.full((50, 70), 77, np.uint8)
-    np.testing.assert_array_equal(augment.center_crop(constant, 20), 77)
+    np.testing.assert_array_equal(multicrop.center_crop(constant, 20), 77)
     # The centre of the output is the centre of the input.
     np.testing.assert_allclose(out[16, 16].astype(int), image[48, 64].astype(int), atol=6)
 
@@ -182,10 +182,10 @@ def test_full_multicrop_matches_pil_reference_on_real_images(realdata, pattern):
     cfg = MultiCropConfig()  # the paper's 2 x 224 + 10 x 96
     for path in sorted(realdata.glob(pattern))[:3]:
         image = records.decode_image(path.read_bytes(), channels=3)
-        globals_, locals_ = augment.sample_multicrop(np.random.default_rng(0), *image.shape[:2], cfg)
-        pyramid = augment._Pyramid(image)
+        globals_, locals_ = multicrop.sample_multicrop(np.random.default_rng(0), *image.shape[:2], cfg)
+        pyramid = multicrop._Pyramid(image)
         for params, size in [(p, cfg.global_size) for p in globals_] + [(p, cfg.local_size) for p in locals_]:
             out = np.empty((size, size, 3), np.uint8)
-            augment.apply_crop(pyramid, params, size, out)
+            multicrop.apply_crop(pyramid, params, size, out)
             err = np.abs(out.astype(np.int32) - reference(image, params, size).astype(np.int32))
             assert err.mean() < 3.0, (path.name, params)

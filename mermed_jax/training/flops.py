@@ -1,4 +1,4 @@
-"""FLOP counting, MFU and the host side of metrics (writers: metric_writers.py).
+"""FLOP counting and MFU (the writers are in metric_writers.py).
 
 Free of clu and tensorflow, so benchmarks can import it on machines without them. FLOPs are
 counted analytically as model FLOPs (matmuls of the forward pass, x3 for
@@ -6,12 +6,8 @@ forward + backward of the student; rematerialisation not counted, as MFU convent
 and cross-checked against XLA's cost analysis by bench/train_step.py.
 """
 
-from collections.abc import Mapping
-from typing import Any
-
 import jax
 import ml_collections
-import numpy as np
 
 from mermed_jax.models.vit import ViTConfig
 
@@ -78,8 +74,3 @@ def throughput_metrics(flops_per_step: float, seconds_per_step: float, images_pe
     if peak_per_device:
         out["perf/mfu"] = achieved / (peak_per_device * jax.device_count())
     return out
-
-
-def host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Device metrics -> Python floats (the one host sync per log step)."""
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}

@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mermed_jax import sharding, train_state
+from mermed_jax import sharding
+from mermed_jax.training import train_state
 
 DIGEST_KEY = "state_digest"
 

@@ -1,5 +1,5 @@
 """Metric writers: TensorBoard (clu) and a JSON-lines file beside it, on process 0 only; other
-processes log nothing. Kept apart from metrics.py because clu imports tensorflow."""
+processes log nothing. Kept apart from flops.py because clu imports tensorflow."""
 
 import json
 import pathlib
@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from clu import metric_writers
 
 
@@ -58,3 +59,8 @@ def make_writer(workdir: pathlib.Path) -> metric_writers.MetricWriter:
         metric_writers.create_default_writer(str(workdir), asynchronous=True),
         JsonlWriter(workdir / "metrics.jsonl"),
     ])
+
+
+def host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Device metrics -> Python floats (the one host sync per log step)."""
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}

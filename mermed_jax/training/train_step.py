@@ -22,12 +22,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from mermed_jax import sharding as sharding_lib
-from mermed_jax.modalities import MODALITIES, NUM_MODALITIES
+from data_pipelines.modalities import MODALITIES, NUM_MODALITIES
 from mermed_jax.preprocess import normalize_images
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.ema import ema_update
 from mermed_jax.ssl.loss import koleo_loss, memory_cross_entropy
-from mermed_jax.train_state import TrainState, build_networks, make_student_optimizer
+from mermed_jax.models.networks import build_networks
+from mermed_jax.training.train_state import TrainState, make_student_optimizer
 
 Batch = dict[str, jnp.ndarray]
 Metrics = dict[str, jnp.ndarray]
