@@ -51,7 +51,6 @@ def _common(parser: argparse.ArgumentParser, *, dataset_required: bool = True) -
     parser.add_argument("--out", type=pathlib.Path, required=True, help="output root; the dataset goes to OUT/DATASET")
     parser.add_argument("--dataset", required=dataset_required, help="dataset name (directory and Example field)")
     parser.add_argument("--id-key-file", type=pathlib.Path, help=f"HMAC key for image ids (else ${privacy.KEY_ENV})")
-    parser.add_argument("--format", choices=("tfrecord", "array_record"), default="tfrecord")
     parser.add_argument("--shard-size", type=int, default=1024, help="source items per shard")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad inputs instead of stopping")
@@ -120,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=32)
-    p.add_argument("--format", choices=("tfrecord", "array_record"), default="tfrecord")
     p.add_argument("--workers", type=int, default=1)
 
     p = kinds.add_parser("new-key", help="create a random id key file")
@@ -150,7 +148,7 @@ def make_source(args: argparse.Namespace) -> Source:
 
 def _options(args: argparse.Namespace, dataset: str) -> ConvertOptions:
     return ConvertOptions(
-        dataset=dataset, out_dir=args.out, fmt=args.format, shard_size=args.shard_size, workers=args.workers,
+        dataset=dataset, out_dir=args.out, shard_size=args.shard_size, workers=args.workers,
         skip_bad=args.skip_bad, fractions=args.splits, seed=args.seed, progress=not args.no_progress,
         overwrite=args.overwrite,
     )
@@ -164,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.kind == "demo":
         for m in write_demo_data(args.out, args.images_per_modality, args.size, args.seed,
-                                 shard_size=args.shard_size, fmt=args.format, workers=args.workers):
+                                 shard_size=args.shard_size, workers=args.workers):
             print(f"{m.dataset}: " + ", ".join(f"{s} {m.splits[s].num_records}" for s in m.splits))
         return 0
     try:

@@ -2,8 +2,7 @@
 
 Directory layout of one converted dataset:
     DIR/<dataset>/manifest.json
-    DIR/<dataset>/<split>-NNNNN-of-MMMMM.tfrecord        (format "tfrecord")
-    DIR/<dataset>/<split>-NNNNN-of-MMMMM.array_record    (format "array_record", same Examples)
+    DIR/<dataset>/<split>-NNNNN-of-MMMMM.tfrecord        (format "tfrecord", the only one read)
 
 The manifest records per split the shard files with record counts and sha256, per-class counts,
 and the per-channel pixel mean/std measured during conversion (on pixel / max value, i.e. in
@@ -14,7 +13,9 @@ It never holds a source path, file name or DICOM tag value: only counts, names c
 
 `load_manifest` also reads a TFDS-built directory (DATA_DIR/med_mnist/<config>/<version>, see
 tfds_medmnist.py): its dataset_info.json gives shard files and counts, its metadata.json the rest.
-TFDS records no shard checksums, so those shards have sha256 None.
+TFDS records no shard checksums, so those shards have sha256 None. Every reader of this package
+reads TFRecord shards only, so `load_manifest` refuses a directory in another format (a TFDS
+build prepared with file_format="array_record", say) instead of handing out paths nothing reads.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 TFDS_INFO_NAME = "dataset_info.json"
 TFDS_METADATA_NAME = "metadata.json"
-FORMATS = ("tfrecord", "array_record")
+FORMATS = ("tfrecord",)  # shard formats the readers of this package read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,21 +201,30 @@ def _from_tfds(directory: pathlib.Path) -> Manifest:
 
 
 def load_manifest(directory: str | os.PathLike) -> Manifest:
-    """The manifest of a converted dataset directory (DIR/<dataset>) or of a TFDS-built one."""
+    """The manifest of a converted dataset directory (DIR/<dataset>) or of a TFDS-built one.
+
+    Raises ValueError for shards in a format outside FORMATS, which no reader here reads.
+    """
     directory = pathlib.Path(directory).resolve()
     path = directory / MANIFEST_NAME
     if not path.is_file() and (directory / TFDS_INFO_NAME).is_file():
         try:
-            return _from_tfds(directory)
+            manifest = _from_tfds(directory)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{directory}: malformed TFDS dataset info ({type(e).__name__}: {e})") from e
-    if not path.is_file():
+        remedy = "prepare the TFDS build with file_format='tfrecord'"
+    elif not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest (is {directory} a converted dataset directory?)")
-    try:
-        data = json.loads(path.read_text())
-        return _from_json(data, directory)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+    else:
+        try:
+            manifest = _from_json(json.loads(path.read_text()), directory)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+        remedy = "convert it again (the converter writes tfrecord)"
+    if manifest.format not in FORMATS:
+        raise ValueError(f"{directory}: shards in format {manifest.format!r}, which this package's readers do not "
+                         f"read (they read {', '.join(FORMATS)}); {remedy}")
+    return manifest
 
 
 def verify_shards(manifest: Manifest) -> None:

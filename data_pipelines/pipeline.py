@@ -238,16 +238,6 @@ def _dataset(cfg: TrainConfig, maker: _BatchMaker, start_step: int) -> grain.Ite
     return ds
 
 
-def train_dataset(cfg: TrainConfig, *, start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None, local_devices: int | None = None) -> grain.IterDataset:
-    """The infinite Grain dataset of host batches from `start_step` on.
-
-    Its batches carry one more key than TrainIterator's, "skipped" (int32: bad records replaced
-    in this batch).
-    """
-    return _dataset(cfg, _batch_maker(cfg, process_index, process_count, local_devices)[0], start_step)
-
-
 class TrainIterator(grain.DatasetIterator):
     """Host batches, resumable; a grain DatasetIterator, so grain.checkpoint / Orbax can save it.
 

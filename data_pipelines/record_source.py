@@ -60,10 +60,7 @@ def list_shards(dirs: Sequence[str | os.PathLike], split: str) -> dict[int, list
 
 
 def _manifest_shards(directory: pathlib.Path, split: str) -> tuple[int, list[ShardFile]]:
-    manifest = records.load_manifest(directory)
-    if manifest.format != "tfrecord":
-        raise ValueError(f"{directory}: format {manifest.format!r} is not read by the pipeline; "
-                         f"convert with the tfrecord format")
+    manifest = records.load_manifest(directory)  # refuses shard formats other than TFRecord
     shards = [ShardFile(str(path), shard.num_records)
               for shard, path in zip(manifest.splits[split].shards, manifest.shard_paths(split))]
     return modality_id(manifest.modality), shards

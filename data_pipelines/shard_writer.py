@@ -36,6 +36,7 @@ from data_pipelines.sources.base import Frame, Item, Source, SourceError
 from data_pipelines.splits import DEFAULT_FRACTIONS, assign_splits
 
 STATE_NAME = ".convert_state.json"
+FORMAT = "tfrecord"  # the only shard format the readers read (manifest.FORMATS)
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -47,7 +48,6 @@ class ConversionError(RuntimeError):
 class ConvertOptions:
     dataset: str
     out_dir: pathlib.Path  # the dataset's files go to out_dir / dataset
-    fmt: str = "tfrecord"
     shard_size: int = 1024  # source items per shard (a multi-frame item gives several records)
     workers: int = 1
     skip_bad: bool = False  # explicit skip policy: bad inputs are skipped and counted, not fatal
@@ -123,38 +123,19 @@ def plan_shards(items: list[Item], options: ConvertOptions) -> list[ShardTask]:
         count = max(1, math.ceil(len(members) / options.shard_size))
         for index in range(count):
             chunk = members[index * options.shard_size : (index + 1) * options.shard_size]
-            tasks.append(ShardTask(split, mf.shard_name(split, index, count, options.fmt), tuple(chunk)))
+            tasks.append(ShardTask(split, mf.shard_name(split, index, count, FORMAT), tuple(chunk)))
     return tasks
 
 
 def _fingerprint(source: Source, tasks: list[ShardTask], key: bytes, options: ConvertOptions) -> str:
     """A digest of everything that decides the shards' contents; holds no source name (ids are HMACs)."""
     plan = {
-        "dataset": options.dataset, "format": options.fmt, "modality": source.modality,
+        "dataset": options.dataset, "format": FORMAT, "modality": source.modality,
         "channels": source.channels, "labels": list(source.label_names),
         "windows": [dataclasses.astuple(w) for w in source.windows or ()],
         "shards": [[t.name, [image_id(key, item.key) for item in t.items]] for t in tasks],
     }
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-
-
-class _ArrayRecordWriter:
-    """ArrayRecord with group_size 1 (one record per chunk), so random access reads one record."""
-
-    def __init__(self, path: pathlib.Path):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        self._writer = ArrayRecordWriter(str(path), "group_size:1")
-
-    def write(self, payload: bytes) -> None:
-        self._writer.write(payload)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-def _open_writer(path: pathlib.Path, fmt: str) -> records.TFRecordWriter | _ArrayRecordWriter:
-    return _ArrayRecordWriter(path) if fmt == "array_record" else records.TFRecordWriter(path)
 
 
 def describe(source: Source, item: Item, item_id: str) -> str:
@@ -212,7 +193,7 @@ def write_shard(source: Source, key: bytes, options: ConvertOptions, task: Shard
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     stats = _ShardStats(source)
     skipped = []
-    writer = _open_writer(partial, options.fmt)
+    writer = records.TFRecordWriter(partial)
     try:
         for item in task.items:
             item_id = image_id(key, item.key)
@@ -318,7 +299,7 @@ def _build_manifest(source: Source, options: ConvertOptions, tasks: list[ShardTa
             std=tuple(std.tolist()),
         )
     return mf.Manifest(
-        dataset=options.dataset, modality=source.modality, format=options.fmt,
+        dataset=options.dataset, modality=source.modality, format=FORMAT,
         label_names=tuple(source.label_names), multi_label=source.multi_label,
         pixel_depth=max(r.pixel_depth for r in done.values()), channels=source.channels,
         feature_spec=records.FEATURE_SPEC, splits=splits, windows=source.windows,
@@ -329,8 +310,6 @@ def _build_manifest(source: Source, options: ConvertOptions, tasks: list[ShardTa
 def convert(source: Source, key: bytes, options: ConvertOptions,
             on_shard: Callable[[ShardResult], None] | None = None) -> ConversionReport:
     """Converts a source into options.directory: shards, manifest.json and the resume state."""
-    if options.fmt not in mf.FORMATS:
-        raise ValueError(f"format {options.fmt!r} not in {mf.FORMATS}")
     items = source.items()
     if not items:
         raise ConversionError(f"{source.__class__.__name__}: no inputs found")

@@ -7,9 +7,12 @@ the converter's Example fields, so TFDS writes Examples a reader of converted sh
 the builder's metadata (metadata.json) carries modality, label names and pixel statistics, which
 `manifest.load_manifest` turns into a Manifest for TFDS-built directories.
 
-    tfds.builder("med_mnist/breastmnist_28", data_dir=D,
-                 config=..., file_format="array_record").download_and_prepare(
+    tfds.builder("med_mnist/breastmnist_28", data_dir=D, file_format="tfrecord").download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=NPZ_DIR))
+
+The training and evaluation pipelines (and `manifest.load_manifest`) read TFRecord builds only.
+TFDS itself can also prepare the builder with file_format="array_record", for random access
+through `tfds.data_source`; this package's readers refuse such a directory.
 
 Image ids are HMACs like the converter's, keyed by $MERMED_ID_KEY when set (then they equal the
 converter's ids). Without it a fixed public key is used: MedMNIST ids are public indices anyway.

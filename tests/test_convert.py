@@ -149,21 +149,6 @@ def test_parallel_equals_serial(tmp_path):
     assert dataclasses.replace(serial.manifest, directory=None) == dataclasses.replace(parallel.manifest, directory=None)
 
 
-def test_array_record_holds_the_same_examples(tmp_path):
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    source = SyntheticSource("oct", count=12, size=16, seed=0)
-    tf = convert(source, KEY, _synthetic_options(tmp_path / "tf"))
-    ar = convert(source, KEY, _synthetic_options(tmp_path / "ar", fmt="array_record"))
-    assert ar.manifest.format == "array_record"
-    assert ar.manifest.shard_paths("train")[0].name.endswith(".array_record")
-    for split in tf.manifest.splits:
-        for a, b in zip(tf.manifest.shard_paths(split), ar.manifest.shard_paths(split)):
-            reader = ArrayRecordReader(str(b))
-            assert reader.read_all() == [p for _, p in records.iter_records(a)]
-            reader.close()
-
-
 def _png(path: pathlib.Path, image: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(records.encode_png(image))

@@ -1,5 +1,6 @@
 """TFRecord framing, CRC checks, Example schema and image decoding (data_pipelines/records.py)."""
 
+import json
 import struct
 
 import cv2
@@ -246,6 +247,13 @@ def test_manifest_save_load_and_verify(tmp_path):
         mf.verify_shards(loaded)
     with pytest.raises(KeyError, match="no split 'test'"):
         loaded.shard_paths("test")
+    # A manifest naming a shard format no reader here reads (an old converter's array_record) is refused.
+    data = json.loads((tmp_path / mf.MANIFEST_NAME).read_text())
+    (tmp_path / mf.MANIFEST_NAME).write_text(json.dumps({**data, "format": "array_record"}))
+    with pytest.raises(ValueError, match="'array_record'.*convert it again"):
+        records.load_manifest(tmp_path)
+    with pytest.raises(ValueError, match="format 'array_record' not in"):
+        mf.shard_name("train", 0, 1, "array_record")
 
 
 def test_pooled_stats_equal_direct_computation():

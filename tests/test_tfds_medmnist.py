@@ -62,19 +62,15 @@ def test_tfds_examples_equal_the_converters(tmp_path, monkeypatch, flag, channel
         assert seen == set(ids.values())
 
 
-def test_array_record_build_serves_tfds_data_source(tmp_path):
+def test_array_record_build_serves_tfds_data_source_and_our_readers_refuse_it(tmp_path):
+    """TFDS users may prepare the builder as ArrayRecord for tfds.data_source; this package's
+    readers read TFRecord only, so load_manifest refuses the directory rather than list its files."""
     (tmp_path / "manual").mkdir()
     arrays = _npz(tmp_path / "manual", "retinamnist.npz", 3, False)
     builder = _build(tmp_path, "retinamnist_28", "array_record")
-    manifest = load_manifest(builder.data_dir)
-    assert manifest.format == "array_record" and manifest.channels == 3
-    assert [s.num_records for s in manifest.splits.values()] == [12, 4, 5]
     source = tfds.data_source("med_mnist/retinamnist_28", data_dir=tmp_path / "array_record")
-    assert len(source["train"]) == 12
+    assert [len(source[s]) for s in ("train", "val", "test")] == [12, 4, 5]
     train = {tuple(source["train"][i]["image"].ravel()[:64]) for i in range(12)}
     assert train == {tuple(img.ravel()[:64]) for img in arrays["train_images"]}
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    reader = ArrayRecordReader(str(manifest.shard_paths("val")[0]))
-    assert {records.decode_example(p)["labels"][0] for p in reader.read_all()} <= {0, 1}
-    reader.close()
+    with pytest.raises(ValueError, match="'array_record'.*file_format='tfrecord'"):
+        load_manifest(builder.data_dir)

@@ -152,7 +152,6 @@ def write_demo_data(
     seed: int = 0,
     *,
     shard_size: int = 32,
-    fmt: str = "tfrecord",
     workers: int = 1,
     progress: bool = False,
 ) -> list[mf.Manifest]:
@@ -163,7 +162,7 @@ def write_demo_data(
     manifests = []
     for modality in MODALITIES:
         source = SyntheticSource(modality, count=images_per_modality, size=size, seed=seed)
-        options = ConvertOptions(dataset=f"demo_{modality}", out_dir=pathlib.Path(out_dir), fmt=fmt,
+        options = ConvertOptions(dataset=f"demo_{modality}", out_dir=pathlib.Path(out_dir),
                                  shard_size=shard_size, workers=workers, seed=seed, progress=progress)
         manifests.append(convert(source, demo_key(seed), options).manifest)
     return manifests
