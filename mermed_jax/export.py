@@ -20,14 +20,19 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mermed_jax.interop.export import ARCH_FIELDS, FORMATS, config_path, export_params
+from data_pipelines.modalities import MODALITIES
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import unflatten
-from data_pipelines.modalities import MODALITIES
+from mermed_jax.interop.weight_export import (
+    ARCH_FIELDS,
+    FORMATS,
+    config_path,
+    export_params,
+)
 from mermed_jax.models.head import HeadConfig
-from mermed_jax.models.vit import ViTConfig
 from mermed_jax.models.networks import backbone_config
+from mermed_jax.models.vit import ViTConfig
 
 
 def _configs_from_json(checkpoint: pathlib.Path) -> tuple[ViTConfig, HeadConfig | None, dict | None]:

@@ -27,7 +27,7 @@ from mermed_jax.models import networks
 from mermed_jax import distributed, sharding
 from mermed_jax.training import checkpointing, flops, metric_writers, train_state, train_step
 from mermed_jax.config_validation import validate_config
-from mermed_jax.interop import importer
+from mermed_jax.training import init_from_pretrained
 from mermed_jax.ssl.schedules import build_schedules
 
 class NonFiniteTrainingError(RuntimeError):
@@ -84,7 +84,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
         state, _ = sharding.create_sharded(make_state, mesh)
         start_step = 0
         if config.init_checkpoint:  # the official recipe starts from ImageNet DINO weights
-            state, _ = importer.initialize_from_pretrained(state, config)
+            state, _ = init_from_pretrained.initialize_from_pretrained(state, config)
             state = jax.device_put(state, state_shardings)
     else:
         abstract = checkpointing.abstract_with_shardings(nn.unbox(abstract_boxed), state_shardings)

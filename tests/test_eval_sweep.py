@@ -143,7 +143,7 @@ def test_checkpoint_choice_and_watch(tmp_path, demo_root, workdir, capsys):
 
 
 def test_exported_encoder_gives_the_checkpoint_features(tmp_path, demo_root, workdir):
-    from mermed_jax.interop.export import export_params
+    from mermed_jax.interop.weight_export import export_params
 
     teacher = encoders.from_checkpoint(workdir, 7)
     export_params(teacher.params, None, teacher.config, tmp_path / "teacher.msgpack", "msgpack",

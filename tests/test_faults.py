@@ -31,7 +31,7 @@ from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import pretrain
 from mermed_jax.training import checkpointing
 from mermed_jax.config_lib import load_config_file
-from mermed_jax.interop.export import export_params
+from mermed_jax.interop.weight_export import export_params
 from mermed_jax.interop.trees import backbone_shapes, unflatten
 from mermed_jax.models.vit import ViTConfig
 

@@ -36,7 +36,7 @@ from data_pipelines.sources.dicom import DicomSource
 from data_pipelines.sources.nifti import NiftiSource
 from fuzzing import budget, damaged
 from mermed_jax.interop import files
-from mermed_jax.interop.export import export_params
+from mermed_jax.interop.weight_export import export_params
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import backbone_shapes, unflatten

@@ -25,16 +25,23 @@ from safetensors import numpy as st_numpy
 from scipy.special import erf
 
 from mermed_jax.interop import files
-from mermed_jax.interop.encoder import load_encoder
-from mermed_jax.interop.export import export_params
+from mermed_jax.interop.exported_encoder import load_encoder
 from mermed_jax.interop.files import CheckpointError
-from mermed_jax.interop.importer import initialize_from_pretrained, load_weights
+from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import (
-    backbone_shapes, flatten, head_shapes, scan_blocks, to_numpy, unflatten, unroll_blocks,
+    backbone_shapes,
+    flatten,
+    head_shapes,
+    scan_blocks,
+    to_numpy,
+    unflatten,
+    unroll_blocks,
 )
+from mermed_jax.interop.weight_export import export_params
 from mermed_jax.models.head import HeadConfig
-from mermed_jax.models.vit import ViT, ViTConfig
 from mermed_jax.models.networks import backbone_config, build_networks
+from mermed_jax.models.vit import ViT, ViTConfig
+from mermed_jax.training.init_from_pretrained import initialize_from_pretrained
 from mermed_jax.training.train_state import TrainState
 
 SMALL = ViTConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=4, img_size=32, dtype="float32")

@@ -17,10 +17,10 @@ timm = pytest.importorskip("timm")
 from safetensors import torch as st_torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from mermed_jax.interop.export import export_params  # noqa: E402
 from mermed_jax.interop.files import CheckpointError  # noqa: E402
 from mermed_jax.interop.importer import load_weights  # noqa: E402
 from mermed_jax.interop.trees import backbone_shapes, unflatten  # noqa: E402
+from mermed_jax.interop.weight_export import export_params  # noqa: E402
 from mermed_jax.models.vit import ViT, ViTConfig  # noqa: E402
 
 pytestmark = pytest.mark.interop

@@ -18,7 +18,7 @@ from mermed_jax.models import networks
 from mermed_jax import pretrain, sharding
 from mermed_jax.training import checkpointing, train_state
 from mermed_jax.config_lib import load_config_file
-from mermed_jax.interop.export import export_params
+from mermed_jax.interop.weight_export import export_params
 from data_pipelines.modalities import MODALITIES
 from mermed_jax.ssl import schedules as schedules_lib
 from _checkpoint_job import saving_now, wait_for

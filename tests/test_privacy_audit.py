@@ -30,7 +30,7 @@ from mermed_jax import evaluate, pretrain
 from mermed_jax.training import checkpointing
 from mermed_jax.config_lib import load_config_file
 from mermed_jax.eval import encoders
-from mermed_jax.interop.export import export_params
+from mermed_jax.interop.weight_export import export_params
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
 from mermed_jax.models.vit import ViTConfig

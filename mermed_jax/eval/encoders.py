@@ -97,7 +97,7 @@ def raw_pixels(like: Encoder) -> Encoder:
 def from_export(path: str | pathlib.Path) -> Encoder:
     """An exported backbone (msgpack, safetensors or .pth with its config JSON), through the
     interop package's loader, which carries the export's own pixel statistics."""
-    from mermed_jax.interop.encoder import load_encoder  # the export format is the interop package's
+    from mermed_jax.interop.exported_encoder import load_encoder  # the export format is the interop package's
 
     loaded = load_encoder(path)
     logging.info("loaded exported encoder %s", path)

@@ -34,10 +34,6 @@ def _torch():
     return torch
 
 
-def torch_available() -> bool:
-    return _torch() is not None
-
-
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     # ml_dtypes registers numpy's "bfloat16", without which safetensors.numpy cannot read bf16 files.
     import ml_dtypes  # noqa: F401, PLC0415

@@ -1,36 +1,34 @@
-"""Any supported weight file -> our parameter trees, and into a TrainState's student and teacher.
+"""Any supported weight file -> our parameter trees, as one result type with a report.
 
-`load_weights` reads our own msgpack exports and PyTorch files (timm, DINO, MerMED) into one
-result type, so pretraining init, evaluation and `load_encoder` share a single code path.
-`initialize_from_pretrained` is how pretraining starts from a checkpoint, as the official code
-starts from ImageNet DINO: the same weights go into student and teacher, the optimiser state
-is untouched (AdamW's moments do not depend on the parameter values at step 0).
+`load_weights` reads our own msgpack exports and PyTorch files (timm, DINO, MerMED) into
+`ImportedWeights`, so pretraining init (mermed_jax.training.init_from_pretrained), evaluation,
+the export CLI and `load_encoder` share a single code path. Placing the arrays into a live
+TrainState is training's business and lives there, not here.
 """
 
-import logging
 import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mermed_jax.interop import files
 from mermed_jax.interop.files import CheckpointError
+from mermed_jax.interop.import_report import ImportedWeights, ImportReport
 from mermed_jax.interop.pos_fit import fit_pos_embed
 from mermed_jax.interop.pytorch_import import import_state_dict
-from mermed_jax.interop.report import ImportedWeights, ImportReport
 from mermed_jax.interop.trees import (
-    Path, Tree, backbone_shapes, flatten, head_shapes, is_scanned, path_str, unflatten, unroll_blocks,
+    Path,
+    Tree,
+    backbone_shapes,
+    flatten,
+    head_shapes,
+    path_str,
+    unroll_blocks,
 )
 from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.vit import ViTConfig
-from mermed_jax.models.networks import backbone_config
-from mermed_jax.training.train_state import TrainState
 
 _POS_TOKENS = (("pos_embed",), ("cls_token",), ("reg_token",))
 
@@ -119,63 +117,3 @@ def load_weights(
     if strict and not weights.report.clean:
         raise CheckpointError(f"strict import failed:\n{weights.report.summary()}")
     return weights
-
-
-def _with_value(old: Any, value: np.ndarray) -> Any:
-    """`value` in place of a leaf: same dtype, same sharding, same logical-axis box."""
-    current = old.unbox() if isinstance(old, nn.meta.AxisMetadata) else old
-    new = jnp.asarray(value, dtype=current.dtype)
-    if isinstance(current, jax.Array):
-        new = jax.device_put(new, current.sharding)
-    return old.replace_boxed(new) if isinstance(old, nn.meta.AxisMetadata) else new
-
-
-def merge_into(tree: Any, updates: Mapping[Path, np.ndarray]) -> Any:
-    """A copy of `tree` (boxed or not, unrolled or scanned) with the unrolled-path `updates` set."""
-    if not updates:
-        return tree
-    flat = flatten(tree)
-    scanned = is_scanned(tree)
-    per_leaf: dict[Path, list[tuple[int | None, np.ndarray]]] = {}
-    for path, value in updates.items():
-        if scanned and path[0].startswith("blocks_"):
-            per_leaf.setdefault(("blocks", "block", *path[1:]), []).append((int(path[0].split("_")[1]), value))
-        else:
-            per_leaf.setdefault(path, []).append((None, value))
-    for path, values in per_leaf.items():
-        old = flat[path]
-        current = np.array(old.unbox() if isinstance(old, nn.meta.AxisMetadata) else old)
-        for layer, value in values:
-            if layer is None:
-                current = value
-            else:
-                current[layer] = value
-        flat[path] = _with_value(old, current)
-    return unflatten(flat)
-
-
-def apply_to_train_state(state: TrainState, weights: ImportedWeights) -> TrainState:
-    """The imported backbone and head in both student and teacher (params and BatchNorm stats)."""
-
-    def params(tree: Tree) -> Tree:
-        return {**tree, "backbone": merge_into(tree["backbone"], weights.backbone),
-                "head": merge_into(tree["head"], weights.head_params)}
-
-    def stats(tree: Tree) -> Tree:
-        return {**tree, "head": merge_into(tree["head"], weights.head_stats)} if weights.head_stats else tree
-
-    return state.replace(
-        params=params(state.params), teacher_params=params(state.teacher_params),
-        batch_stats=stats(state.batch_stats), teacher_batch_stats=stats(state.teacher_batch_stats),
-    )
-
-
-def initialize_from_pretrained(
-    state: TrainState, config: ml_collections.ConfigDict, path: str | os.PathLike | None = None, *, strict: bool = False
-) -> tuple[TrainState, ImportReport]:
-    """Loads `path` (default: config.init_checkpoint) into student and teacher and logs the report."""
-    path = path if path is not None else config.init_checkpoint
-    head_config = HeadConfig(**config.head.to_dict())
-    weights = load_weights(path, backbone_config(config, teacher=True), head_config, strict=strict)
-    logging.info("initialised from pretrained weights\n%s", weights.report.summary())
-    return apply_to_train_state(state, weights), weights.report

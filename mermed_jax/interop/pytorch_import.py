@@ -19,8 +19,8 @@ import numpy as np
 
 from mermed_jax.interop import timm_names
 from mermed_jax.interop.files import CheckpointError
+from mermed_jax.interop.import_report import ImportedWeights, ImportReport
 from mermed_jax.interop.pos_fit import fit_pos_embed
-from mermed_jax.interop.report import ImportedWeights, ImportReport
 from mermed_jax.interop.trees import backbone_shapes, head_shapes
 from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.vit import ViTConfig

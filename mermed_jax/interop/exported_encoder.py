@@ -1,4 +1,4 @@
-"""`load_encoder(path)`: an exported file -> a callable that embeds images of a given modality.
+"""`load_encoder(path)`: an exported file -> an ExportedEncoder, a callable that embeds images of a given modality.
 
 The callable owns the whole preprocessing contract so users cannot get it subtly wrong: uint8
 pixels are scaled to [0, 1] (float input is taken to be [0, 1] already), then normalised with the
@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mermed_jax.interop.export import ARCH_FIELDS, config_path
+from data_pipelines.modalities import MODALITIES, modality_id
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import Tree, unflatten
-from data_pipelines.modalities import MODALITIES, modality_id
+from mermed_jax.interop.weight_export import ARCH_FIELDS, config_path
 from mermed_jax.models.vit import ViT, ViTConfig
 from mermed_jax.preprocess import normalize_images
 
@@ -35,7 +35,7 @@ def _embed(config: ViTConfig, pool: str, params: Tree, images: jnp.ndarray, moda
 
 
 @dataclasses.dataclass(frozen=True)
-class Encoder:
+class ExportedEncoder:
     config: ViTConfig
     params: Tree
     pixel_mean: np.ndarray  # [NUM_MODALITIES, 3], for pixels in [0, 1]
@@ -62,8 +62,8 @@ class Encoder:
         return np.asarray(out)
 
 
-def load_encoder(path: str | os.PathLike) -> Encoder:
-    """An Encoder from an export (.msgpack, .safetensors or .pth) and the config JSON beside it."""
+def load_encoder(path: str | os.PathLike) -> ExportedEncoder:
+    """An ExportedEncoder from an export (.msgpack, .safetensors or .pth) and the config JSON beside it."""
     path = pathlib.Path(path)
     meta_path = config_path(path)
     if not meta_path.is_file():
@@ -76,4 +76,4 @@ def load_encoder(path: str | os.PathLike) -> Encoder:
     norm = meta["normalization"]
     mean = np.array([norm[m]["mean"] for m in MODALITIES], np.float32)
     std = np.array([norm[m]["std"] for m in MODALITIES], np.float32)
-    return Encoder(config, unflatten(weights.backbone), mean, std)
+    return ExportedEncoder(config, unflatten(weights.backbone), mean, std)

@@ -16,11 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.modalities import MODALITIES
 from mermed_jax.interop import files, timm_names
 from mermed_jax.interop.trees import (
-    Tree, backbone_shapes, flatten, path_str, to_numpy, unroll_blocks,
+    Tree,
+    backbone_shapes,
+    flatten,
+    path_str,
+    to_numpy,
+    unroll_blocks,
 )
-from data_pipelines.modalities import MODALITIES
 from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.vit import ViTConfig
 
