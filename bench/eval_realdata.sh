@@ -11,7 +11,6 @@ STEPS=${3:-300}
 PY=${PY:-.venv/bin/python}
 DATA=$OUT/data
 mkdir -p "$OUT"
-export PYTHONPATH=.
 [ -f "$OUT/id.key" ] || $PY -m data_pipelines.convert new-key "$OUT/id.key"
 common=(--out "$DATA" --id-key-file "$OUT/id.key" --workers 2 --no-progress --splits train=0.7,val=0.15,test=0.15 --seed 42)
 $PY -m data_pipelines.convert medmnist "$REAL"/medmnist/{breastmnist,pneumoniamnist,retinamnist,pathmnist_train1000}.npz "${common[@]}"

@@ -2,10 +2,11 @@
 # ViT-B/16 MerMED-FM train step on one lent GPU (H200): images/s, MFU, peak memory (issue 7).
 #
 # The device image has Python 3.12 with jax (CUDA), flax, optax, orbax, absl-py and PyYAML, but no
-# ml_collections (needed by mermed_jax.config_lib / train_state / train_step), grain, clu or
-# tensorflow. bench/train_step.py imports none of grain/clu/tensorflow (mermed_jax.training.flops keeps
-# clu out; the writers are in metric_writers.py), so only ml_collections travels, as a wheel in
-# .whl/ (git-ignored).
+# ml_collections (needed by mermed_jax.recipe and the train step), grain, clu, OpenCV or
+# tensorflow, and no package registry. bench/train_step.py's import path has none of grain, clu,
+# OpenCV or tensorflow (tests/test_import_paths.py checks it), so only ml_collections travels, as a
+# wheel in .whl/ (git-ignored). With no registry to build the project, the checkout is put on
+# PYTHONPATH instead of `pip install -e .`.
 #
 # Prepare here, once (from the repo root):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -21,9 +22,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
-python3 -c 'import jax, flax, optax, ml_collections; print("jax", jax.__version__, jax.devices())'
+python3 -c 'import sys, jax, flax, optax, ml_collections; print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, jax.devices())'
 # XLA on GPU preallocates 75% by default; peak_bytes_in_use is measured either way.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 timeout 330 python3 bench/train_step.py --variant B/16 --batch 128 --dtype bfloat16 --steps 10 --parts \

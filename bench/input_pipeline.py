@@ -27,7 +27,6 @@ import io
 import os
 import pathlib
 import platform
-import sys
 import tempfile
 import time
 from typing import Callable
@@ -35,9 +34,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from data_pipelines import multicrop  # noqa: E402
+from data_pipelines import multicrop
 
 
 def _pil_hue(img: Image.Image, factor: float) -> Image.Image:

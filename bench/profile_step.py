@@ -21,7 +21,6 @@ import tempfile
 import time
 
 import jax
-
 import train_step as bench  # bench/train_step.py: flags, config and the compiled step
 
 _EXECUTOR_EVENTS = ("ThunkExecutor", "SlinkyThreadPool")

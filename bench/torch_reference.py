@@ -167,7 +167,7 @@ class MultiCrop(nn.Module):
 
 # ------------------------------------------------------------------------------------------- objective
 def memory_loss(student, teacher, queue, ids, modality, partition, student_temp, teacher_temp, gating):
-    """Gated block cross-entropy (see mermed_jax/ssl/loss.py for the definition)."""
+    """Gated block cross-entropy (see mermed_jax/ssl/memory_loss.py for the definition)."""
     n_s, n_t, b = student.shape[0], teacher.shape[0], student.shape[1]
     pair = (torch.arange(n_s)[:, None] != torch.arange(n_t)[None, :]).float()
     total = student.new_zeros(())

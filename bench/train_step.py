@@ -45,20 +45,19 @@ import sys
 import time
 from typing import Any, NamedTuple
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
+from data_pipelines.modalities import NUM_MODALITIES
+from mermed_jax import sharding
 from mermed_jax.models import networks
-from mermed_jax import config_lib, sharding  # noqa: E402
-from mermed_jax.training import flops, train_state, train_step  # noqa: E402
-from data_pipelines.modalities import NUM_MODALITIES  # noqa: E402
-from mermed_jax.ssl import memory as memory_lib  # noqa: E402
-from mermed_jax.ssl.ema import ema_update  # noqa: E402
-from mermed_jax.ssl.loss import memory_cross_entropy  # noqa: E402
-from mermed_jax.ssl.schedules import build_schedules  # noqa: E402
+from mermed_jax.recipe import arguments, schema
+from mermed_jax.ssl import memory as memory_lib
+from mermed_jax.ssl.ema import ema_update
+from mermed_jax.ssl.memory_loss import memory_cross_entropy
+from mermed_jax.ssl.schedules import build_schedules
+from mermed_jax.training import flops, train_state, train_step
 
 
 def _time(fn, *args, steps: int, warmup: int = 1) -> list[float]:
@@ -91,7 +90,7 @@ def matmul_peak(dtype: str, n: int, reps: int = 5, chain: int = 4) -> float:
 
 
 def build(args):
-    config = config_lib.apply_arguments(config_lib.paper_recipe(), args.config_args)
+    config = arguments.apply_arguments(schema.paper_recipe(), args.config_args)
     config.model.variant = args.variant
     config.model.dtype = args.dtype
     config.model.remat_policy = args.remat
@@ -101,7 +100,7 @@ def build(args):
     if args.memory:
         config.memory.size = args.memory
         config.memory.partition_size = min(config.memory.partition_size, args.memory)
-    config = config_lib.finalize(config)
+    config = config
     memory_lib.check_memory_config(config.memory.size, config.memory.num_shards,
                                    config.memory.partition_size, config.global_batch)
     return config
@@ -254,7 +253,7 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--memory", type=int, default=0, help="memory size K (0: the paper's 131,072)")
-    p.add_argument("--config-args", default=None, help="extra config_lib key=value,... overrides")
+    p.add_argument("--config-args", default=None, help="extra key=value,... config overrides (mermed_jax/recipe/arguments.py)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     return p
 

@@ -14,12 +14,12 @@ teacher above the random network's on all seven modalities; measured 2026-11-28:
 OCT 0.928 vs 0.896, derm 0.861 vs 0.766 (52 test images each).
 """
 
-from mermed_jax import config_lib
 from data_pipelines.modalities import MODALITIES
+from mermed_jax.recipe import arguments, schema
 
 
 def get_config(arg: str | None = None):
-    config = config_lib.paper_recipe()
+    config = schema.paper_recipe()
     config.global_batch = 32
     config.num_train_images = 32 * 50
     config.epochs = 12
@@ -38,4 +38,4 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 25
     config.checkpoint.every_steps = 100
     config.profile.every_steps = 0
-    return config_lib.finalize(config_lib.apply_arguments(config, arg))
+    return arguments.apply_arguments(config, arg)

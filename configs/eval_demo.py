@@ -9,9 +9,9 @@ Command:
 Expected: the pretrained teacher's AUROC above the random network's on most modalities.
 """
 
-from mermed_jax import config_lib
-from mermed_jax.eval.config import eval_recipe
 from data_pipelines.modalities import MODALITIES
+from mermed_jax.eval.config import eval_recipe
+from mermed_jax.recipe import arguments
 
 
 def get_config(arg: str | None = None):
@@ -25,4 +25,4 @@ def get_config(arg: str | None = None):
     config.data.update(dict(image_size=32, crop_fraction=1.0, batch_size=64))
     config.linear.update(dict(cs=(1e-2, 1e-1, 1.0), max_iter=300))
     config.bootstrap.resamples = 200
-    return config_lib.apply_arguments(config, ",".join(f"{k}={v}" for k, v in options.items()))
+    return arguments.apply_arguments(config, ",".join(f"{k}={v}" for k, v in options.items()))

@@ -8,8 +8,8 @@ Resolution 32 px (the MedMNIST images are 28 px; the CPU pretraining runs at 32 
 set; CT's only real data is one volume, too little to probe.
 """
 
-from mermed_jax import config_lib
 from mermed_jax.eval.config import eval_recipe
+from mermed_jax.recipe import arguments
 
 DATASETS = ("breastmnist", "pneumoniamnist", "retinamnist", "pathmnist_train1000", "nih_binary", "nih14", "isic")
 
@@ -25,4 +25,4 @@ def get_config(arg: str | None = None):
     config.seeds = (0,)
     config.data.update(dict(image_size=32, crop_fraction=1.0, batch_size=256))
     config.linear.update(dict(cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), max_iter=500))
-    return config_lib.apply_arguments(config, ",".join(f"{k}={v}" for k, v in options.items()))
+    return arguments.apply_arguments(config, ",".join(f"{k}={v}" for k, v in options.items()))

@@ -14,10 +14,10 @@ Expected cost: about 472 GFLOP per image (student fwd+bwd on 12 crops, teacher f
 1.7 hours on 64, at 40% MFU. Downstream (paper): fine-tuned AUROC 0.86 (CXR) to 0.99 (OCT).
 """
 
-from mermed_jax import config_lib
+from mermed_jax.recipe import arguments, schema
 
 
 def get_config(arg: str | None = None):
-    config = config_lib.paper_recipe()
+    config = schema.paper_recipe()
     config.init_checkpoint = "dino_vitbase16_pretrain.pth"
-    return config_lib.finalize(config_lib.apply_arguments(config, arg))
+    return arguments.apply_arguments(config, arg)

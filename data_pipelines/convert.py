@@ -34,6 +34,7 @@ import sys
 from collections.abc import Sequence
 
 from data_pipelines import privacy
+from data_pipelines.modalities import MODALITIES
 from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
 from data_pipelines.sources.base import Source
 from data_pipelines.sources.csv_manifest import CsvSource
@@ -44,7 +45,6 @@ from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.nifti import NiftiSource
 from data_pipelines.sources.synthetic import write_demo_data
 from data_pipelines.splits import parse_fractions
-from data_pipelines.modalities import MODALITIES
 
 
 def _common(parser: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:

@@ -29,8 +29,8 @@ import numpy as np
 from google.protobuf import message
 
 from data_pipelines import record_source, records
-from data_pipelines.multicrop import center_crop
 from data_pipelines.modalities import modality_id
+from data_pipelines.multicrop import center_crop
 
 LABEL_MODES = ("multi_hot", "index")
 

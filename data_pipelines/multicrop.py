@@ -16,7 +16,7 @@ is scalar code and was 10-25x slower than this pair.) Downscaling reads from a 2
 PIL's bicubic resize has. The colour ops are saturating uint8 blends (`cv2.addWeighted`) and a
 uint8 HSV round trip, PIL's own semantics; being pointwise, they run before the resize when that
 enlarges (small images), on fewer pixels. `bench/input_pipeline.py` holds the PIL reference
-this is measured against; tests/test_augment.py checks both agree for the same parameters.
+this is measured against; tests/test_multicrop.py checks both agree for the same parameters.
 """
 from __future__ import annotations
 
@@ -27,44 +27,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from data_pipelines.batch_spec import MultiCropConfig
+
 _JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
-
-
-@dataclasses.dataclass(frozen=True)
-class MultiCropConfig:
-    """Sizes, counts and strengths of the multi-crop augmentation (defaults: the paper's)."""
-
-    global_size: int = 224
-    num_global: int = 2
-    global_scale: tuple[float, float] = (0.2, 1.0)
-    local_size: int = 96
-    num_local: int = 10
-    local_scale: tuple[float, float] = (0.05, 0.2)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    rotation: float = 30.0
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.1
-    hue: float = 0.02
-    blur_sigma: tuple[float, float] = (0.1, 1.0)
-    # Blur probability of global crop k; crops past the tuple's end use its last value.
-    global_blur_probs: tuple[float, ...] = (1.0, 0.1)
-    local_blur_prob: float = 0.5
-
-    def __post_init__(self):
-        if self.global_size <= 0 or self.local_size <= 0:
-            raise ValueError(f"crop sizes must be positive, got {self.global_size}, {self.local_size}")
-        if self.num_global < 1 or self.num_local < 0:
-            raise ValueError(f"need num_global >= 1 and num_local >= 0, got {self.num_global}, {self.num_local}")
-        if not self.global_blur_probs:
-            raise ValueError("global_blur_probs must name at least one probability")
-
-    def blur_prob(self, kind: str, index: int) -> float:
-        if kind == "local":
-            return self.local_blur_prob
-        return self.global_blur_probs[min(index, len(self.global_blur_probs) - 1)]
 
 
 @dataclasses.dataclass(frozen=True)

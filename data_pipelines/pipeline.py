@@ -36,10 +36,9 @@ keyword overrides bring in fields kept elsewhere in the config, such as global_b
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import cv2
 import grain
@@ -49,70 +48,13 @@ from absl import flags
 from google.protobuf import message
 
 from data_pipelines import record_source, records, sampler
-from data_pipelines.multicrop import MultiCropConfig, keyed_rng, multicrop
+from data_pipelines.batch_spec import batch_layout
 from data_pipelines.modalities import MODALITIES, modality_id
+from data_pipelines.multicrop import keyed_rng, multicrop
+from data_pipelines.train_config import TrainConfig
 
 _AUG_KEY = 2  # key namespace of augmentation generators
 _MAX_CONSECUTIVE_SKIPS = 100
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Training-pipeline settings; see the module docstring for each field."""
-
-    dirs: tuple[str, ...]
-    split: str = "train"
-    per_device_batch: int | None = None
-    global_batch: int | None = None
-    crops: MultiCropConfig = MultiCropConfig()
-    seed: int = 0
-    mixture: Mapping[str, float] | None = None
-    skip_corrupt: bool = False
-    worker_count: int = 0
-    read_threads: int = 2
-    prefetch: int = 2
-    cycle_length: int = 16
-    shuffle_window: int = 1024
-
-    def __post_init__(self):
-        if (self.per_device_batch is None) == (self.global_batch is None):
-            raise ValueError("set exactly one of per_device_batch and global_batch")
-        if not self.dirs:
-            raise ValueError("dirs names no dataset directory")
-
-    @classmethod
-    def from_config(cls, section: Any, **overrides: Any) -> TrainConfig:
-        """From an ml_collections ConfigDict (or a mapping) whose keys are this class's fields.
-
-        `overrides` adds or replaces fields, e.g. the config's top-level batch and crops:
-        TrainConfig.from_config(config.data, global_batch=config.global_batch, crops=config.crops).
-        """
-        values = {**_plain(section), **{k: _plain(v) for k, v in overrides.items()}}
-        return cls(**_fields(cls, values, "data"))
-
-    def device_batch(self) -> int:
-        if self.per_device_batch is not None:
-            return self.per_device_batch
-        if self.global_batch % jax.device_count():
-            raise ValueError(f"global_batch {self.global_batch} is not divisible by {jax.device_count()} devices")
-        return self.global_batch // jax.device_count()
-
-
-def _plain(value: Any) -> Any:
-    """ConfigDicts (which carry their own locking and typing) as plain dicts; other values as is."""
-    return value.to_dict() if hasattr(value, "to_dict") else value
-
-
-def _fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Checks keys against the dataclass fields and turns lists into tuples (configs hold lists)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"config.{where}: unknown keys {unknown}; known: {sorted(names)}")
-    out = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    if "crops" in out and not isinstance(out["crops"], MultiCropConfig):
-        out["crops"] = MultiCropConfig(**_fields(MultiCropConfig, dict(out["crops"]), f"{where}.crops"))
-    return out
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -172,11 +114,7 @@ class _BatchMaker:
         counts = self.alloc.device_counts(step)
         position = self.alloc.stream_start(step).copy()
         size = int(counts.sum())
-        batch = {
-            "global": np.empty((size, crops.num_global, crops.global_size, crops.global_size, 3), np.uint8),
-            "local": np.empty((size, crops.num_local, crops.local_size, crops.local_size, 3), np.uint8),
-            "modality": np.empty((size,), np.int32),
-        }
+        batch = {name: np.empty(shape, dtype) for name, (shape, dtype) in batch_layout(size, crops).items()}
         skipped = 0
         slot = 0
         for device_counts in counts:

@@ -29,7 +29,13 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import records
 from data_pipelines.privacy import KEY_ENV, image_id, load_key
-from data_pipelines.sources.medmnist_info import FLAGS, SIZES, SPLITS, Flag, labels_to_indices
+from data_pipelines.sources.medmnist_info import (
+    FLAGS,
+    SIZES,
+    SPLITS,
+    Flag,
+    labels_to_indices,
+)
 
 PUBLIC_KEY = b"mermed-medmnist-public-indices"
 

@@ -68,6 +68,8 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     """
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed  # the barrier JAX's own serialization uses
+    from jax._src import (
+        distributed as jax_distributed,  # the barrier JAX's own serialization uses
+    )
 
     jax_distributed.global_state.client.wait_at_barrier(f"mermed_{name}", timeout_in_ms=timeout_s * 1000)

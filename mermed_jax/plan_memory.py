@@ -26,11 +26,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mermed_jax import sharding
-from mermed_jax.training import hlo_stats, train_state, train_step
-from mermed_jax.config_validation import validate_config
 from data_pipelines.modalities import NUM_MODALITIES
+from mermed_jax import sharding
+from mermed_jax.recipe.validation import validate_config
 from mermed_jax.ssl.schedules import build_schedules
+from mermed_jax.training import hlo_stats, train_state, train_step
 
 
 def _device_bytes(tree: Any, shardings: Any) -> int:

@@ -23,12 +23,20 @@ from clu import parameter_overview, periodic_actions
 from ml_collections import config_flags
 
 from data_pipelines import pipeline, stats
-from mermed_jax.models import networks
 from mermed_jax import distributed, sharding
-from mermed_jax.training import checkpointing, flops, metric_writers, train_state, train_step
-from mermed_jax.config_validation import validate_config
-from mermed_jax.training import init_from_pretrained
+from mermed_jax.models import networks
+from mermed_jax.recipe import derived
+from mermed_jax.recipe.validation import validate_config
 from mermed_jax.ssl.schedules import build_schedules
+from mermed_jax.training import (
+    checkpointing,
+    flops,
+    init_from_pretrained,
+    metric_writers,
+    train_state,
+    train_step,
+)
+
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many updates were skipped for non-finite loss or gradients."""
@@ -55,7 +63,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     mesh = sharding.mesh_from_config(config.mesh)
     logging.info("mesh %s; the process of each device: %s", dict(mesh.shape),
                  np.vectorize(lambda d: d.process_index)(mesh.devices).tolist())
-    total_steps = config.epochs * config.steps_per_epoch
+    total_steps = derived.total_steps(config)
     stop_at = min(total_steps, config.max_steps or total_steps)
     schedules = build_schedules(config)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))

@@ -15,9 +15,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mermed_jax import distributed, sharding
-from mermed_jax.training import train_state, train_step
-from mermed_jax.config_lib import load_config_file
+from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.ssl.schedules import build_schedules
+from mermed_jax.training import train_state, train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ("model.depth=1,crops.num_local=2,batch=16,memory=48,partition=16,shards=8,head.use_bn=False,"

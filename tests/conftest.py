@@ -11,9 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
-
 from fuzzing import FUZZ_EXAMPLES_ENV  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 jax.config.update(

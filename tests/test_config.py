@@ -6,8 +6,9 @@ import jax
 import ml_collections
 import pytest
 
-from mermed_jax.config_lib import load_config_file
-from mermed_jax.config_validation import ConfigError, validate_config
+from mermed_jax.recipe import derived
+from mermed_jax.recipe.arguments import load_config_file
+from mermed_jax.recipe.validation import ConfigError, validate_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def test_paper_config_holds_the_recipe():
     validate_config(c, devices=jax.devices())
     assert c.model.variant == "B/16" and c.model.drop_path_rate == 0.1 and c.model.dtype == "bfloat16"
     assert (c.crops.num_global, c.crops.global_size, c.crops.num_local, c.crops.local_size) == (2, 224, 10, 96)
-    assert c.global_batch == 1024 and c.epochs == 100 and c.steps_per_epoch == 3223
+    assert c.global_batch == 1024 and c.epochs == 100 and derived.steps_per_epoch(c) == 3223
     assert (c.memory.size, c.memory.partition_size) == (131_072, 16_384)
     assert (c.head.hidden_dim, c.head.bottleneck_dim, c.head.num_layers, c.head.use_bn) == (2048, 256, 3, True)
     assert (c.loss.student_temp, c.loss.warmup_teacher_temp, c.loss.teacher_temp) == (0.1, 0.04, 0.07)
@@ -33,7 +34,7 @@ def test_paper_config_holds_the_recipe():
 def test_arguments_override_fields_and_aliases():
     c = cfg("mermed_vitb16", "variant=S/16,batch=512,model.scan_layers=True")
     assert c.model.variant == "S/16" and c.global_batch == 512 and c.model.scan_layers is True
-    assert c.steps_per_epoch == 6446  # re-derived for the new batch
+    assert derived.steps_per_epoch(c) == 6446  # derived from the new batch
     with pytest.raises(KeyError, match="unknown key 'model.widht'"):
         cfg("mermed_vitb16", "model.widht=3")
 

@@ -11,13 +11,19 @@ import pytest
 from data_pipelines import convert as cli
 from data_pipelines import manifest as mf
 from data_pipelines import records
+from data_pipelines.modalities import MODALITIES, modality_id
 from data_pipelines.privacy import image_id
 from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
 from data_pipelines.sources.csv_manifest import CsvSource
 from data_pipelines.sources.image_folder import ImageFolderSource
-from data_pipelines.sources.synthetic import CLASS_NAMES, SyntheticSource, demo_key, synthetic_image, write_demo_data
+from data_pipelines.sources.synthetic import (
+    CLASS_NAMES,
+    SyntheticSource,
+    demo_key,
+    synthetic_image,
+    write_demo_data,
+)
 from data_pipelines.splits import assign_splits, parse_fractions
-from data_pipelines.modalities import MODALITIES, modality_id
 
 KEY = bytes(range(32))
 

@@ -16,10 +16,10 @@ import pytest
 
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import evaluate, sharding
-from mermed_jax.training import train_state
-from mermed_jax.config_lib import load_config_file
 from mermed_jax.eval import encoders, report, sweep
 from mermed_jax.eval.config import eval_recipe, validate
+from mermed_jax.recipe.arguments import load_config_file
+from mermed_jax.training import train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATASETS = ("demo_ct", "demo_cxr")

@@ -22,18 +22,18 @@ import ml_collections
 import numpy as np
 import psutil
 import pytest
-
 from _checkpoint_job import META, saving_now, start, state_at, wait_for
+
 from data_pipelines import convert as convert_cli
 from data_pipelines import pipeline
 from data_pipelines.multicrop import MultiCropConfig
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import pretrain
-from mermed_jax.training import checkpointing
-from mermed_jax.config_lib import load_config_file
-from mermed_jax.interop.weight_export import export_params
 from mermed_jax.interop.trees import backbone_shapes, unflatten
+from mermed_jax.interop.weight_export import export_params
 from mermed_jax.models.vit import ViTConfig
+from mermed_jax.recipe.arguments import load_config_file
+from mermed_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("MERMED_FAULT_KILLS", 4))  # kill points per run; `make fuzz` sets 40
@@ -135,7 +135,7 @@ def test_damaged_checkpoint_restores_exactly_or_is_refused_naming_it(saved_job, 
     if damage == "delete_metadata":
         np.testing.assert_array_equal(np.asarray(_restore(workdir, 3).state["params"]), state_at(3)["params"])
         return
-    with pytest.raises(checkpointing.CheckpointCorruptError, match=rf"checkpoints/3: .*(differ from those saved|cannot be restored)"):
+    with pytest.raises(checkpointing.CheckpointCorruptError, match=r"checkpoints/3: .*(differ from those saved|cannot be restored)"):
         _restore(workdir, 3)
     restored = _restore(workdir, 2)  # the operator moves step 3 away; the one before is intact
     np.testing.assert_array_equal(np.asarray(restored.state["params"]), state_at(2)["params"])

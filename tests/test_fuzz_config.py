@@ -15,15 +15,15 @@ import pathlib
 import jax
 import ml_collections
 import pytest
+from fuzzing import budget
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from fuzzing import budget
 from mermed_jax import pretrain
-from mermed_jax.training import train_state
-from mermed_jax.config_lib import load_config_file
-from mermed_jax.config_validation import ConfigError, validate_config
+from mermed_jax.recipe.arguments import load_config_file
+from mermed_jax.recipe.validation import ConfigError, validate_config
 from mermed_jax.ssl.schedules import build_schedules
+from mermed_jax.training import train_state
 
 pytestmark = pytest.mark.fuzz
 

@@ -20,12 +20,14 @@ import cv2
 import nibabel as nib
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.tag import BaseTag
 import pytest
+from fuzzing import budget, damaged
 from hypothesis import given
 from hypothesis import strategies as st
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import BaseTag
 from tensorflow_datasets.proto import tf_example_pb2
+from test_convert_dicom import make_dicom
 
 from data_pipelines import records
 from data_pipelines.manifest import Window
@@ -34,14 +36,12 @@ from data_pipelines.shard_writer import _load
 from data_pipelines.sources.base import SourceError
 from data_pipelines.sources.dicom import DicomSource
 from data_pipelines.sources.nifti import NiftiSource
-from fuzzing import budget, damaged
 from mermed_jax.interop import files
-from mermed_jax.interop.weight_export import export_params
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import backbone_shapes, unflatten
+from mermed_jax.interop.weight_export import export_params
 from mermed_jax.models.vit import ViTConfig
-from test_convert_dicom import make_dicom
 
 pytestmark = pytest.mark.fuzz
 

@@ -16,8 +16,8 @@ import subprocess
 
 import pytest
 
-from data_pipelines.sources.synthetic import write_demo_data
 from data_pipelines.modalities import MODALITIES
+from data_pipelines.sources.synthetic import write_demo_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"

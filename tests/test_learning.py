@@ -25,18 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import synthetic_views
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-import synthetic_views
-from mermed_jax.models import networks
-from mermed_jax import sharding
-from mermed_jax.training import train_state, train_step
-from mermed_jax.config_lib import load_config_file
 from data_pipelines.modalities import NUM_MODALITIES
+from mermed_jax import sharding
+from mermed_jax.models import networks
 from mermed_jax.models.vit import ViT
+from mermed_jax.recipe import derived
+from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.ssl.schedules import build_schedules
+from mermed_jax.training import train_state, train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEED = 2
@@ -55,7 +56,7 @@ def _config():
     assert (config.crops.global_size, config.crops.local_size) == (32, 16)
     assert config.model.variant.endswith("/4") and (config.model.width, config.model.depth) == (64, 2)
     assert (config.memory.size, config.global_batch) == (1024, BATCH)
-    assert config.steps_per_epoch * config.epochs == STEPS
+    assert derived.total_steps(config) == STEPS
     return config
 
 

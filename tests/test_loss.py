@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mermed_jax.ssl import memory as memory_lib
-from mermed_jax.ssl.loss import koleo_loss, memory_cross_entropy
+from mermed_jax.ssl.koleo import koleo_loss
+from mermed_jax.ssl.memory_loss import memory_cross_entropy
 
 N_STUDENT, N_TEACHER, BATCH, DIM, SIZE, SHARDS, PART = 5, 2, 6, 8, 48, 4, 16
 

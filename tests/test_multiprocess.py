@@ -19,11 +19,11 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+from job_outputs import losses_by_step
 
+from data_pipelines.modalities import MODALITIES
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax.training import checkpointing
-from data_pipelines.modalities import MODALITIES
-from job_outputs import losses_by_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"

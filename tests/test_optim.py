@@ -7,10 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mermed_jax.config_lib import load_config_file
-from mermed_jax.training.optim import clip_per_tensor, layer_decay_multipliers, make_optimizer, weight_decay_mask
-from mermed_jax.ssl.ema import ema_update
 from mermed_jax.models.networks import abstract_params
+from mermed_jax.recipe.arguments import load_config_file
+from mermed_jax.ssl.ema import ema_update
+from mermed_jax.training.optim import (
+    clip_per_tensor,
+    layer_decay_multipliers,
+    make_optimizer,
+    weight_decay_mask,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

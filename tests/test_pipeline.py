@@ -16,10 +16,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from data_pipelines import eval_pipeline, manifest, record_source, records, sampler, stats
+from data_pipelines import (
+    eval_pipeline,
+    manifest,
+    record_source,
+    records,
+    sampler,
+    stats,
+)
+from data_pipelines.modalities import NUM_MODALITIES, modality_id
 from data_pipelines.multicrop import MultiCropConfig
 from data_pipelines.pipeline import TrainConfig, train_iterator
-from data_pipelines.modalities import NUM_MODALITIES, modality_id
 from mermed_jax.sharding import to_global
 
 TINY = MultiCropConfig(global_size=16, local_size=8, num_local=2)
@@ -275,9 +282,10 @@ def test_config_from_configdict(three_modalities):
 
 
 def test_config_from_the_paper_recipe(three_modalities):
-    from mermed_jax import config_lib
+    from mermed_jax.recipe import schema
 
-    config = config_lib.paper_recipe()
+
+    config = schema.paper_recipe()
     config.data.dirs = tuple(three_modalities)
     cfg = TrainConfig.from_config(config.data, global_batch=config.global_batch, crops=config.crops)
     assert cfg.crops == MultiCropConfig()  # the recipe's numbers are the augmentation's defaults

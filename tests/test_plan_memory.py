@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from mermed_jax import plan_memory
-from mermed_jax.config_lib import load_config_file
+from mermed_jax.recipe.arguments import load_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = "model.depth=1,crops.num_local=2,batch=16,memory=1024,partition=256,shards=8,model.scan_layers=True"

@@ -12,17 +12,17 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from data_pipelines.sources.synthetic import write_demo_data
-from mermed_jax.models import networks
-from mermed_jax import pretrain, sharding
-from mermed_jax.training import checkpointing, train_state
-from mermed_jax.config_lib import load_config_file
-from mermed_jax.interop.weight_export import export_params
-from data_pipelines.modalities import MODALITIES
-from mermed_jax.ssl import schedules as schedules_lib
 from _checkpoint_job import saving_now, wait_for
 from job_outputs import losses_by_step
+
+from data_pipelines.modalities import MODALITIES
+from data_pipelines.sources.synthetic import write_demo_data
+from mermed_jax import pretrain, sharding
+from mermed_jax.interop.weight_export import export_params
+from mermed_jax.models import networks
+from mermed_jax.recipe.arguments import load_config_file
+from mermed_jax.ssl import schedules as schedules_lib
+from mermed_jax.training import checkpointing, train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 4  # steps before the interruption; runs go to 2N

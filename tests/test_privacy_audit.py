@@ -27,13 +27,13 @@ from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
 from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import evaluate, pretrain
-from mermed_jax.training import checkpointing
-from mermed_jax.config_lib import load_config_file
 from mermed_jax.eval import encoders
-from mermed_jax.interop.weight_export import export_params
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
+from mermed_jax.interop.weight_export import export_params
 from mermed_jax.models.vit import ViTConfig
+from mermed_jax.recipe.arguments import load_config_file
+from mermed_jax.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GROUPS = {"ct": ["CT_small.dcm", "693_UNCR.dcm", "ctbrain1.dcm"],

@@ -6,8 +6,13 @@ import pathlib
 import numpy as np
 import pytest
 
-from mermed_jax.config_lib import load_config_file
-from mermed_jax.ssl.schedules import build_schedules, cosine_schedule, teacher_temperature_schedule
+from mermed_jax.recipe import derived
+from mermed_jax.recipe.arguments import load_config_file
+from mermed_jax.ssl.schedules import (
+    build_schedules,
+    cosine_schedule,
+    teacher_temperature_schedule,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,9 +33,9 @@ def test_warmup_starts_at_zero_and_reaches_peak_at_its_last_step():
 
 def test_paper_schedules_at_chosen_steps():
     config = load_config("mermed_vitb16")
-    assert config.steps_per_epoch == 3223
+    assert derived.steps_per_epoch(config) == 3223
     sched = build_schedules(config)
-    n = config.steps_per_epoch
+    n = derived.steps_per_epoch(config)
     total = 100 * n
     assert len(sched) == total
     peak = 5e-5 * 1024 / 256

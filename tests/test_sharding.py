@@ -33,13 +33,13 @@ import numpy as np
 import optax
 import pytest
 
-from mermed_jax import sharding
-from mermed_jax.training import hlo_stats, train_state, train_step
-from mermed_jax.config_lib import load_config_file
 from data_pipelines.modalities import NUM_MODALITIES
+from mermed_jax import sharding
+from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.ssl import memory as memory_lib
-from mermed_jax.ssl.loss import memory_cross_entropy
+from mermed_jax.ssl.memory_loss import memory_cross_entropy
 from mermed_jax.ssl.schedules import build_schedules
+from mermed_jax.training import hlo_stats, train_state, train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)

@@ -5,8 +5,10 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from data_pipelines import records  # noqa: E402
-from data_pipelines import tfds_medmnist  # noqa: E402,F401  (registers the builder)
+from data_pipelines import (
+    records,  # noqa: E402
+    tfds_medmnist,  # noqa: E402,F401  (registers the builder)
+)
 from data_pipelines.manifest import load_manifest  # noqa: E402
 from data_pipelines.privacy import KEY_ENV, image_id  # noqa: E402
 from data_pipelines.shard_writer import ConvertOptions, convert  # noqa: E402

@@ -11,7 +11,13 @@ import csv
 import pathlib
 from collections.abc import Iterator, Sequence
 
-from data_pipelines.sources.base import DEFAULT_CHANNELS, SPLIT_ALIASES, Frame, Item, Source
+from data_pipelines.sources.base import (
+    DEFAULT_CHANNELS,
+    SPLIT_ALIASES,
+    Frame,
+    Item,
+    Source,
+)
 from data_pipelines.sources.image_files import load_image_file
 
 

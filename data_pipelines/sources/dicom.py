@@ -25,7 +25,14 @@ import pydicom
 from pydicom.pixels import apply_color_lut
 
 from data_pipelines.manifest import Window
-from data_pipelines.sources.base import DEFAULT_CHANNELS, Frame, Item, Source, SourceError, to_channels
+from data_pipelines.sources.base import (
+    DEFAULT_CHANNELS,
+    Frame,
+    Item,
+    Source,
+    SourceError,
+    to_channels,
+)
 from data_pipelines.sources.ct import apply_windows, check_windows
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Iterator
 
-from data_pipelines.sources.base import DEFAULT_CHANNELS, SPLIT_ALIASES, Frame, Item, Source
+from data_pipelines.sources.base import (
+    DEFAULT_CHANNELS,
+    SPLIT_ALIASES,
+    Frame,
+    Item,
+    Source,
+)
 from data_pipelines.sources.image_files import IMAGE_EXTENSIONS, load_image_file
 
 

@@ -13,7 +13,12 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.sources.base import Frame, Item, Source
-from data_pipelines.sources.medmnist_info import SPLITS, Flag, flag_of, labels_to_indices
+from data_pipelines.sources.medmnist_info import (
+    SPLITS,
+    Flag,
+    flag_of,
+    labels_to_indices,
+)
 
 
 class MedMnistSource(Source):

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from data_pipelines import manifest as mf
+from data_pipelines.modalities import MODALITIES, modality_id
 from data_pipelines.shard_writer import ConvertOptions, convert
 from data_pipelines.sources.base import DEFAULT_CHANNELS, Frame, Item, Source
-from data_pipelines.modalities import MODALITIES, modality_id
 
 CLASS_NAMES = ("blobs", "stripes", "checker", "rings")
 

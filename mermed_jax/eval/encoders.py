@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 
 from data_pipelines import stats
 from mermed_jax.models import networks
-from mermed_jax.training import checkpointing, train_state
 from mermed_jax.models.vit import ViT, ViTConfig
+from mermed_jax.training import checkpointing
 
 PIXELS = "pixels"
 RANDOM = "random"
@@ -97,7 +97,9 @@ def raw_pixels(like: Encoder) -> Encoder:
 def from_export(path: str | pathlib.Path) -> Encoder:
     """An exported backbone (msgpack, safetensors or .pth with its config JSON), through the
     interop package's loader, which carries the export's own pixel statistics."""
-    from mermed_jax.interop.exported_encoder import load_encoder  # the export format is the interop package's
+    from mermed_jax.interop.exported_encoder import (
+        load_encoder,  # the export format is the interop package's
+    )
 
     loaded = load_encoder(path)
     logging.info("loaded exported encoder %s", path)

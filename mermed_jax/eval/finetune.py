@@ -24,12 +24,12 @@ import numpy as np
 import optax
 
 from mermed_jax import sharding
-from mermed_jax.training import optim
 from mermed_jax.eval import augment
 from mermed_jax.eval.encoders import RANDOM, Encoder
 from mermed_jax.models.vit import LN_EPS, ViT, ViTConfig
 from mermed_jax.preprocess import normalize_images
 from mermed_jax.ssl.schedules import cosine_schedule
+from mermed_jax.training import optim
 
 HEAD_INIT_STD = 2e-5
 

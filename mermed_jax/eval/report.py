@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
-from mermed_jax.eval.metrics import mean_ci, one_hot  # noqa: E402
 from data_pipelines.modalities import MODALITIES  # noqa: E402
+from mermed_jax.eval.metrics import mean_ci, one_hot  # noqa: E402
 
 GROUP = ("encoder", "dataset", "protocol", "feature", "label_fraction")
 

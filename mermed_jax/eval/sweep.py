@@ -26,12 +26,12 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import eval_pipeline, records
+from data_pipelines.modalities import MODALITIES, modality_id
 from data_pipelines.multicrop import center_crop
 from mermed_jax.eval import finetune, probes, subsets
 from mermed_jax.eval.encoders import PIXELS, Encoder
 from mermed_jax.eval.features import FeatureSet, cached_features, load_images
 from mermed_jax.eval.metrics import bootstrap_auroc_ci, compute_metrics, one_hot
-from data_pipelines.modalities import MODALITIES, modality_id
 
 PROTOCOLS = ("linear", "knn", "finetune")
 SPLITS = ("train", "val", "test")

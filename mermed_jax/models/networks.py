@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from data_pipelines.batch_spec import batch_layout
 from mermed_jax.models.head import HeadConfig, MultiCropNetwork
 from mermed_jax.models.vit import ViTConfig
 
@@ -34,8 +35,9 @@ def build_networks(config: ml_collections.ConfigDict) -> tuple[MultiCropNetwork,
 
 
 def dummy_crops(config: ml_collections.ConfigDict) -> list[jnp.ndarray]:
-    c = config.crops
-    return [jnp.zeros((1, 2, c.global_size, c.global_size, 3), jnp.float32)]
+    """One image's global crops (data_pipelines.batch_spec's layout), to initialise the networks."""
+    shape, _ = batch_layout(1, config.crops)["global"]
+    return [jnp.zeros(shape, jnp.float32)]
 
 
 def abstract_params(config: ml_collections.ConfigDict) -> PyTree:

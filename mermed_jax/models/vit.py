@@ -37,6 +37,9 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
+# Compute dtypes of the backbone (parameters stay float32).
+DTYPES = ("float32", "bfloat16")
+
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 LN_EPS = 1e-6
 

@@ -12,6 +12,8 @@ import dataclasses
 
 import numpy as np
 
+from mermed_jax.recipe import derived
+
 
 def cosine_schedule(
     base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
@@ -61,8 +63,8 @@ class Schedules:
 
 def build_schedules(config) -> Schedules:
     """Schedules from the epoch-based config (see configs/mermed_vitb16.py for the fields)."""
-    steps_per_epoch = config.steps_per_epoch
-    total = config.epochs * steps_per_epoch
+    steps_per_epoch = derived.steps_per_epoch(config)
+    total = derived.total_steps(config)
     opt = config.optim
     peak_lr = opt.base_lr * config.global_batch / 256.0
     return Schedules(

@@ -15,9 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mermed_jax.models.networks import abstract_params, backbone_config, build_networks, dummy_crops
-from mermed_jax.training.optim import make_optimizer
+from mermed_jax.models.networks import (
+    abstract_params,
+    backbone_config,
+    build_networks,
+    dummy_crops,
+)
 from mermed_jax.ssl.memory import MemoryState, init_memory
+from mermed_jax.training.optim import make_optimizer
 
 PyTree = Any
 

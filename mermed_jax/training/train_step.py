@@ -4,7 +4,8 @@ step(state, batch, rng, hparams) -> (state, metrics):
   1. normalise the uint8 crops on device with per-modality mean/std;
   2. teacher forward on the global crops (no gradient, BatchNorm in training mode);
   3. student forward on all crops, one backbone pass per resolution and one head pass;
-  4. gated block cross-entropy against the memory as it was before this step (+ optional KoLeo);
+  4. the MaSSL objective (ssl/objective.py): gated block cross-entropy against the memory as it
+     was before this step, plus the weighted regularisers;
   5. AdamW with per-tensor clipping and layer decay, skipped on device if anything is non-finite;
   6. EMA of the teacher; 7. enqueue the teacher's second-global-crop embeddings.
 `hparams` carries this step's schedule values (ssl/schedules.py); `rng` is the run's base key, and
@@ -21,13 +22,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from mermed_jax import sharding as sharding_lib
+from data_pipelines.batch_spec import batch_layout
 from data_pipelines.modalities import MODALITIES, NUM_MODALITIES
+from mermed_jax import sharding as sharding_lib
+from mermed_jax.models.networks import build_networks
 from mermed_jax.preprocess import normalize_images
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.ema import ema_update
-from mermed_jax.ssl.loss import koleo_loss, memory_cross_entropy
-from mermed_jax.models.networks import build_networks
+from mermed_jax.ssl.objective import Embeddings, make_objective
 from mermed_jax.training.train_state import TrainState, make_student_optimizer
 
 Batch = dict[str, jnp.ndarray]
@@ -67,8 +69,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
     """
     student_net, teacher_net = build_networks(config)
     num_global = config.crops.num_global
-    student_temp = config.loss.student_temp
-    koleo_weight = config.loss.koleo_weight
+    objective = make_objective(config, mesh)
     pixel_mean = jnp.asarray(pixel_mean, jnp.float32)
     pixel_std = jnp.asarray(pixel_std, jnp.float32)
 
@@ -89,15 +90,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
             {"params": params, "batch_stats": state.batch_stats}, crops, train=True,
             rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
         )
-        metrics = memory_cross_entropy(
-            student_emb, teacher_emb, state.memory, modality, partition,
-            student_temp=student_temp, teacher_temp=hparams["teacher_temp"],
-            gating=memory_lib.is_full(state.memory), mesh=mesh,
-        )
-        koleo = sum(koleo_loss(student_emb[i]) for i in range(num_global))
-        metrics["memory_loss"] = metrics["loss"]
-        metrics["koleo"] = koleo
-        metrics["loss"] = metrics["loss"] + koleo_weight * koleo
+        metrics = objective(Embeddings(student_emb, teacher_emb, state.memory, modality, partition,
+                                       hparams["teacher_temp"]))
         metrics["student_embedding_std"] = _embedding_std(student_emb[:num_global])
         metrics["teacher_embedding_std"] = _embedding_std(teacher_emb)
         aux = {
@@ -113,14 +107,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, pix
 
 def abstract_batch(config: ml_collections.ConfigDict,
                    batch_sharding: NamedSharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch's shapes, to compile the step before any data arrives."""
-    b, c = config.global_batch, config.crops
-    shapes = {
-        "global": ((b, c.num_global, c.global_size, c.global_size, 3), jnp.uint8),
-        "local": ((b, c.num_local, c.local_size, c.local_size, 3), jnp.uint8),
-        "modality": ((b,), jnp.int32),
-    }
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
+    """The global batch's shapes (data_pipelines.batch_spec), to compile the step before any data arrives."""
+    layout = batch_layout(config.global_batch, config.crops)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in layout.items()}
 
 
 def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator,
@@ -156,7 +145,7 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
     """The pure step for this config. pixel_mean/std: float32 [NUM_MODALITIES, 3].
 
     With `mesh` (what pretraining passes), the memory's partition, loss and enqueue run sharded
-    over the batch devices (ssl/memory.py, ssl/loss.py) and batch_shards is the mesh's; without
+    over the batch devices (ssl/memory.py, ssl/memory_loss.py) and batch_shards is the mesh's; without
     it they run on whole arrays and XLA places them (correct, but it may all-gather the queue).
 
     Gradient accumulation (config.grad_accum_steps = A) splits the batch into A micro-batches
