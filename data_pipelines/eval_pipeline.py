@@ -26,7 +26,6 @@ from typing import Any, Iterator
 import grain
 import jax
 import numpy as np
-from google.protobuf import message
 
 from data_pipelines import record_source, records
 from data_pipelines.modalities import modality_id
@@ -126,14 +125,11 @@ class _EvalBatchMaker:
             file_id = self.recs.file_ids[r]
             path, offset = self.recs.files[file_id], int(self.recs.offsets[r])
             try:
-                example = records.decode_example(self.reader.read(path, offset))
-                image = records.decode_image(example["image"], channels=3)
+                example, image = self.reader.read_image(path, offset)
                 batch["labels"][row] = self._labels(example["labels"], path, offset)
-            except (ValueError, KeyError, message.DecodeError) as e:
-                error = e if isinstance(e, records.CorruptRecordError) else records.CorruptRecordError(
-                    path, offset, f"{type(e).__name__}: {e}")
+            except records.CorruptRecordError as error:
                 if not self.cfg.skip_corrupt:
-                    raise error from e
+                    raise
                 logging.warning("masking bad record (skip_corrupt=True): %s", error)
                 continue
             batch["image"][row] = center_crop(image, size, self.cfg.crop_fraction)

@@ -45,7 +45,6 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from google.protobuf import message
 
 from data_pipelines import record_source, records, sampler
 from data_pipelines.batch_spec import batch_layout
@@ -98,13 +97,11 @@ class _BatchMaker:
             r = self._order(i, epoch)[k]
             path, offset = src.files[src.file_ids[r]], int(src.offsets[r])
             try:
-                example = records.decode_example(self.reader.read(path, offset))
-                return records.decode_image(example["image"], channels=3), skipped
-            except (ValueError, KeyError, message.DecodeError) as e:
-                error = e if isinstance(e, records.CorruptRecordError) else records.CorruptRecordError(
-                    path, offset, f"{type(e).__name__}: {e}")
+                return self.reader.read_image(path, offset)[1], skipped
+            except records.CorruptRecordError as e:
+                error = e
                 if not self.cfg.skip_corrupt:
-                    raise error from e
+                    raise
                 logging.warning("skipping bad record (skip_corrupt=True): %s", error)
         raise RuntimeError(f"{_MAX_CONSECUTIVE_SKIPS} consecutive records of modality "
                            f"{MODALITIES[self.modalities[i]]} are bad (last: {error})")

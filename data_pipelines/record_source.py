@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 from etils import epath
+from google.protobuf import message
 from tensorflow_datasets.core import naming
 
 from data_pipelines import manifest as manifest_lib
@@ -194,6 +195,20 @@ class RecordReader:
         if len(cache) > _MAX_OPEN_FILES:
             cache.popitem(last=False)[1].close()
         return reader.read(offset)
+
+    def read_image(self, path: str, offset: int) -> tuple[dict, np.ndarray]:
+        """The record at (path, offset) decoded: its Example features and its RGB image.
+
+        Any failure to read or decode is a CorruptRecordError naming the file and offset, so the
+        training and evaluation pipelines skip or report a bad record the same way.
+        """
+        try:
+            example = records.decode_example(self.read(path, offset))
+            return example, records.decode_image(example["image"], channels=3)
+        except records.CorruptRecordError:
+            raise
+        except (ValueError, KeyError, message.DecodeError) as e:
+            raise records.CorruptRecordError(path, offset, f"{type(e).__name__}: {e}") from e
 
     def __getstate__(self) -> dict:
         return {}
