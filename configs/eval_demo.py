@@ -10,7 +10,7 @@ Expected: the pretrained teacher's AUROC above the random network's on most moda
 """
 
 from data_pipelines.modalities import MODALITIES
-from mermed_jax.eval.config import eval_recipe
+from mermed_jax.eval.eval_config import eval_recipe
 from mermed_jax.recipe import arguments
 
 

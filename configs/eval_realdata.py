@@ -8,7 +8,7 @@ Resolution 32 px (the MedMNIST images are 28 px; the CPU pretraining runs at 32 
 set; CT's only real data is one volume, too little to probe.
 """
 
-from mermed_jax.eval.config import eval_recipe
+from mermed_jax.eval.eval_config import eval_recipe
 from mermed_jax.recipe import arguments
 
 DATASETS = ("breastmnist", "pneumoniamnist", "retinamnist", "pathmnist_train1000", "nih_binary", "nih14", "isic")

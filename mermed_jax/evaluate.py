@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from mermed_jax import distributed, sharding
 from mermed_jax.eval import encoders as encoders_lib
 from mermed_jax.eval import report, sweep
-from mermed_jax.eval.config import validate
+from mermed_jax.eval.eval_config import validate
 
 
 def _checkpoint_steps(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> list[int]:

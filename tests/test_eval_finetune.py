@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from mermed_jax import sharding
-from mermed_jax.eval import augment, finetune
-from mermed_jax.eval.config import eval_recipe
+from mermed_jax.eval import finetune_augment
 from mermed_jax.eval.encoders import Encoder
+from mermed_jax.eval.eval_config import eval_recipe
+from mermed_jax.eval.protocols import finetune
 from mermed_jax.models.vit import ViT, ViTConfig
 
 CONFIG = ViTConfig(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, img_size=16, dtype="float32")
@@ -69,7 +70,7 @@ def test_layer_decay_scales_follow_mae():
 
 def test_train_view_with_rand_augment_and_erasing():
     image = jnp.asarray(_images(1, 20)[0][0])
-    views = jax.vmap(lambda k: augment.train_view(k, image, 16, jnp.full(3, 0.5), jnp.full(3, 0.25), 1.0))(
+    views = jax.vmap(lambda k: finetune_augment.train_view(k, image, 16, jnp.full(3, 0.5), jnp.full(3, 0.25), 1.0))(
         jax.random.split(jax.random.key(0), 4))
     assert views.shape == (4, 16, 16, 3) and bool(jnp.isfinite(views).all())
     assert not np.allclose(views[0], views[1])

@@ -4,7 +4,8 @@ stratified label-fraction subsets and splits."""
 import numpy as np
 import pytest
 
-from mermed_jax.eval import metrics, probes, subsets
+from mermed_jax.eval import metrics, subsets
+from mermed_jax.eval.protocols import knn, linear_probe
 
 
 def _reference_knn(train_x, train_targets, test_x, k, temperature):
@@ -23,7 +24,7 @@ def test_knn_matches_numpy_reference(multi_label):
     rng = np.random.default_rng(0)
     train_x, test_x = rng.normal(size=(60, 8)), rng.normal(size=(25, 8))
     targets = rng.integers(0, 2, (60, 3)) if multi_label else metrics.one_hot(rng.integers(0, 3, 60), 3)
-    got = probes.knn_scores(train_x, targets, test_x, k=20, temperature=0.07, chunk=7)
+    got = knn.knn_scores(train_x, targets, test_x, k=20, temperature=0.07, chunk=7)
     np.testing.assert_allclose(got, _reference_knn(train_x, targets, test_x, 20, 0.07), rtol=1e-4, atol=1e-6)
 
 
@@ -36,7 +37,7 @@ def _separable(rng, n, num_classes, dim=16):
 def test_linear_probe_separates_separable_features():
     # One seed for all three splits, so that they share the class centres.
     train, val, test = (_separable(np.random.default_rng(0), n, 3) for n in (90, 30, 60))
-    result = probes.linear_probe(train, val, test[0], "multiclass", 3, cs=(0.01, 1.0))
+    result = linear_probe.linear_probe(train, val, test[0], "multiclass", 3, cs=(0.01, 1.0))
     assert result.chosen_c in (0.01, 1.0)
     assert metrics.compute_metrics(test[1], result.test_scores, "multiclass").scalars["auroc"] > 0.99
     np.testing.assert_allclose(result.test_scores.sum(1), 1.0, rtol=1e-6)
@@ -46,7 +47,7 @@ def test_linear_probe_multilabel_and_a_label_constant_in_training():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6))
     y = np.stack([x[:, 0] > 0, x[:, 1] > 0.5, np.zeros(120, bool)], 1).astype(int)
-    result = probes.linear_probe((x[:80], y[:80]), (x[80:100], y[80:100]), x[100:], "multilabel", 3, cs=(1.0,))
+    result = linear_probe.linear_probe((x[:80], y[:80]), (x[80:100], y[80:100]), x[100:], "multilabel", 3, cs=(1.0,))
     per_label = metrics.auroc_columns(y[100:], result.test_scores)
     assert per_label[0] > 0.95 and per_label[1] > 0.95 and np.isnan(per_label[2])
     assert np.all(result.test_scores[:, 2] == 0)

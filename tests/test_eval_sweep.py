@@ -1,6 +1,7 @@
 """The evaluation sweep end to end on tiny demo data: an Orbax checkpoint's teacher, a random-init
 network and raw pixels x 2 datasets x 2 label fractions x 2 seeds x (linear, kNN); then resuming a
-partial sweep, the report, and the 70/15/15 split of a dataset that has no splits of its own."""
+partial sweep, the report, the 70/15/15 split of a dataset that has no splits of its own, and a
+protocol registered outside the package that runs from its config line alone."""
 
 import csv
 import dataclasses
@@ -16,8 +17,8 @@ import pytest
 
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import evaluate, sharding
-from mermed_jax.eval import encoders, report, sweep
-from mermed_jax.eval.config import eval_recipe, validate
+from mermed_jax.eval import encoders, inputs, protocols, report, sweep
+from mermed_jax.eval.eval_config import eval_recipe, validate
 from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.training import train_state
 
@@ -47,6 +48,19 @@ def workdir(tmp_path_factory, demo_root) -> pathlib.Path:
     manager.wait_until_finished()
     manager.close()
     return workdir
+
+
+@protocols.register("mean_feature", inputs=inputs.feature_splits, features=inputs.frozen_features,
+                    deterministic=True)
+def _nearest_class_mean(config, row: protocols.Row) -> protocols.Scores:
+    """A toy protocol, registered here and nowhere else: a softmax over minus the distance from each
+    test feature to each class's mean training feature."""
+    f, classes = row.key["feature"], range(len(row.dataset.label_names))
+    means = np.stack([row.train.features[f][row.train.labels == c].mean(0) for c in classes])
+    distance = np.linalg.norm(row.test.features[f][:, None] - means[None], axis=-1)
+    logits = -distance / distance.mean()
+    odds = np.exp(logits - logits.max(1, keepdims=True))
+    return protocols.Scores(odds / odds.sum(1, keepdims=True))
 
 
 def _config(demo_root):
@@ -114,14 +128,14 @@ def test_dataset_without_splits_is_split_70_15_15(tmp_path, demo_root, workdir):
         del manifest["splits"][split]
     (directory / "manifest.json").write_text(json.dumps(manifest))
     config = _config(demo_root)
-    dataset = sweep.describe("train_only", str(directory))
+    dataset = inputs.describe("train_only", str(directory))
     assert not dataset.native_splits
     teacher = encoders.from_checkpoint(workdir, 7)
-    splits = sweep.feature_splits(config, dataset, teacher, tmp_path / "eval", sharding.make_mesh((-1, 1, 1)))
+    splits = inputs.feature_splits(config, dataset, teacher, tmp_path / "eval", sharding.make_mesh((-1, 1, 1)))
     train_count = manifest["splits"]["train"]["num_records"]
-    sizes = [len(splits[s].labels) for s in sweep.SPLITS]
+    sizes = [len(splits[s].labels) for s in inputs.SPLITS]
     assert sum(sizes) == train_count and sizes[0] > sizes[1] > 0 and sizes[2] > 0
-    assert all(len(np.unique(splits[s].labels)) == 4 for s in sweep.SPLITS)
+    assert all(len(np.unique(splits[s].labels)) == 4 for s in inputs.SPLITS)
 
 
 def test_checkpoint_choice_and_watch(tmp_path, demo_root, workdir, capsys):
@@ -151,10 +165,10 @@ def test_exported_encoder_gives_the_checkpoint_features(tmp_path, demo_root, wor
     exported = encoders.from_export(tmp_path / "teacher.msgpack")
     assert exported.tag == "export_teacher" and exported.config == teacher.config
     config = _config(demo_root)
-    dataset = sweep.describe("demo_ct", str(demo_root / "demo_ct"))
+    dataset = inputs.describe("demo_ct", str(demo_root / "demo_ct"))
     mesh = sharding.make_mesh((-1, 1, 1))
-    a = sweep.feature_splits(config, dataset, teacher, tmp_path / "a", mesh)["test"]
-    b = sweep.feature_splits(config, dataset, exported, tmp_path / "b", mesh)["test"]
+    a = inputs.feature_splits(config, dataset, teacher, tmp_path / "a", mesh)["test"]
+    b = inputs.feature_splits(config, dataset, exported, tmp_path / "b", mesh)["test"]
     np.testing.assert_allclose(a.features["cls"], b.features["cls"], atol=1e-6)
 
 
@@ -162,7 +176,7 @@ def test_feature_cache_is_keyed_by_the_weights(tmp_path, demo_root, workdir):
     from mermed_jax.eval.features import cached_features
 
     teacher = encoders.from_checkpoint(workdir, 7)
-    data = sweep._eval_config(_config(demo_root), str(demo_root / "demo_ct"), "test", 16, 1.0)
+    data = inputs.pipeline_config(_config(demo_root), str(demo_root / "demo_ct"), "test", 16, 1.0)
     mesh = sharding.make_mesh((-1, 1, 1))
     first = cached_features(tmp_path, teacher, "demo_ct", data, mesh)
     np.testing.assert_array_equal(cached_features(tmp_path, teacher, "demo_ct", data, mesh).features["cls"],
@@ -170,3 +184,30 @@ def test_feature_cache_is_keyed_by_the_weights(tmp_path, demo_root, workdir):
     # Same tag (a rerun pretraining reaches step 7 again), other weights: recomputed, not reused.
     other = dataclasses.replace(teacher, params=jax.tree.map(lambda x: x * 1.5, teacher.params))
     assert not np.allclose(cached_features(tmp_path, other, "demo_ct", data, mesh).features["cls"], first.features["cls"])
+
+
+def test_a_registered_protocol_runs_from_its_config_line_alone(tmp_path, demo_root, workdir):
+    config = _config(demo_root)
+    config.protocols = ("mean_feature",)
+    config.label_fractions = (1.0,)
+    config.plots = False
+    validate(config)
+    evaluate.evaluate(config, [encoders.from_checkpoint(workdir, 7)], tmp_path / "eval")
+    rows = _read(tmp_path / "eval" / "results.csv")
+    # teacher, random init and pixels x 2 datasets; deterministic on all labels: one seed each
+    assert len(rows) == 3 * 2 and {r["protocol"] for r in rows} == {"mean_feature"}
+    assert {r["feature"] for r in rows} == {"cls", "pixels"} and {r["seed"] for r in rows} == {"0"}
+    assert all(0.0 <= float(r["auroc"]) <= 1.0 and r["chosen_c"] == "" for r in rows)
+
+
+def test_an_unknown_protocol_lists_the_registered_ones(demo_root, workdir):
+    config = _config(demo_root)
+    config.protocols = ("linear", "svm")
+    listed = r"protocols: 'svm' is not one of \('finetune', 'knn', 'linear', 'mean_feature'\)"
+    with pytest.raises(ValueError, match=listed):
+        validate(config)
+    dataset = inputs.describe("demo_ct", str(demo_root / "demo_ct"))
+    with pytest.raises(ValueError, match=listed):
+        list(sweep.planned_rows(config, encoders.from_checkpoint(workdir, 7), dataset))
+    with pytest.raises(ValueError, match="'linear' is registered twice"):
+        protocols.register("linear", inputs=inputs.feature_splits, features=inputs.frozen_features)(_nearest_class_mean)

@@ -1,1 +1,2 @@
-"""Downstream evaluation: encoders, features, probes, fine-tuning, metrics, sweeps and reports."""
+"""Downstream evaluation: encoders, their inputs, protocols (registered by name: linear probe, kNN,
+fine-tuning), metrics, sweeps and reports."""

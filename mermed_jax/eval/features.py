@@ -38,6 +38,10 @@ class FeatureSet:
     labels: np.ndarray  # [N] class indices, or [N, C] multi-hot for multi-label sets
     modality: np.ndarray  # [N] int32
 
+    def take(self, idx: np.ndarray) -> FeatureSet:
+        """The rows `idx` of every array: a label-fraction subset, or one part of a made split."""
+        return FeatureSet({k: v[idx] for k, v in self.features.items()}, self.labels[idx], self.modality[idx])
+
 
 @functools.lru_cache(maxsize=8)
 def _forward(config: ViTConfig, mesh: jax.sharding.Mesh):

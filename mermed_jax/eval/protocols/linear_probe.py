@@ -1,7 +1,7 @@
-"""Frozen-feature protocols: a logistic-regression linear probe with C chosen on the validation
-split, and DINO's weighted k-nearest-neighbour classifier.
+"""The "linear" protocol: a logistic-regression probe on frozen features, C chosen on the
+validation split.
 
-Both return test scores in the shape metrics.compute_metrics takes: class probabilities [N, C] for
+Test scores come in the shape metrics.compute_metrics takes: class probabilities [N, C] for
 multiclass sets and per-label probabilities [N, C] for multi-label ones.
 """
 
@@ -11,11 +11,14 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from mermed_jax.eval import protocols
+from mermed_jax.eval.inputs import feature_splits, frozen_features
 from mermed_jax.eval.metrics import auroc_columns, one_hot
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 7))
@@ -77,26 +80,10 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
     return best
 
 
-def knn_scores(train_x: np.ndarray, train_targets: np.ndarray, test_x: np.ndarray, k: int = 20,
-               temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
-    """DINO's kNN: cosine similarity, the k nearest training examples vote with weight
-    exp(sim / T) for their one-hot (or multi-hot) targets; votes are normalised to sum to one over
-    the neighbours' weights, which keeps DINO's ranking and gives probabilities for calibration.
-
-    train_targets: [N_train, C] one-hot or multi-hot.
-    """
-    def normalise(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    train_n, test_n = normalise(train_x), normalise(test_x)
-    targets = np.asarray(train_targets, np.float32)
-    k = min(k, len(train_n))
-    out = np.zeros((len(test_n), targets.shape[1]), np.float32)
-    for start in range(0, len(test_n), chunk):
-        sim = test_n[start:start + chunk] @ train_n.T
-        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        weights = np.exp(np.take_along_axis(sim, nearest, axis=1) / temperature)
-        votes = np.einsum("nk,nkc->nc", weights, targets[nearest])
-        out[start:start + chunk] = votes / weights.sum(1, keepdims=True)
-    return out
+@protocols.register("linear", inputs=feature_splits, features=frozen_features, deterministic=True)
+def _scores(config: ml_collections.ConfigDict, row: protocols.Row) -> protocols.Scores:
+    f = row.key["feature"]
+    result = linear_probe((row.train.features[f], row.train.labels), (row.val.features[f], row.val.labels),
+                          row.test.features[f], row.dataset.task, len(row.dataset.label_names),
+                          tuple(config.linear.cs), config.linear.max_iter)
+    return protocols.Scores(result.test_scores, result.chosen_c)

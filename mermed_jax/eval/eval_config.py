@@ -6,9 +6,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from mermed_jax.eval import protocols
 from mermed_jax.eval.encoders import NORMALIZATIONS
-from mermed_jax.eval.probes import DEFAULT_CS
-from mermed_jax.eval.sweep import PROTOCOLS
+from mermed_jax.eval.protocols.linear_probe import DEFAULT_CS
 
 FEATURES = ("cls", "patch_mean")
 
@@ -20,7 +20,7 @@ def eval_recipe() -> ml_collections.ConfigDict:
     # "latest", "all", or a tuple of steps; --step and --watch override.
     c.checkpoints = "latest"
     c.baselines = ("random", "pixels")  # floors shown beside every number
-    c.protocols = ("linear", "knn")
+    c.protocols = ("linear", "knn")  # names registered in mermed_jax/eval/protocols/
     c.features = ("cls",)  # frozen features for linear/kNN: cls and/or patch_mean
     c.label_fractions = (1.0,)
     c.seeds = (0, 1, 42, 123, 2025)
@@ -48,8 +48,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.datasets:
         raise ValueError("datasets: no dataset given (name -> converted dataset directory)")
     for p in config.protocols:
-        if p not in PROTOCOLS:
-            raise ValueError(f"protocols: {p!r} is not one of {PROTOCOLS}")
+        protocols.get(p)  # an unknown name raises, listing the registered ones
     for f in config.features:
         if f not in FEATURES:
             raise ValueError(f"features: {f!r} is not one of {FEATURES}")

@@ -1,4 +1,5 @@
-"""Full fine-tuning in JAX, after the official recipe (MAE/BEiT-style, as MerMED-FM's code runs it).
+"""The "finetune" protocol: full fine-tuning in JAX, after the official recipe (MAE/BEiT-style, as
+MerMED-FM's code runs it).
 
 The pretrained final norm is dropped: a new LayerNorm goes on the average-pooled patch tokens taken
 before it (ViT's `patch_mean_prenorm`), then a linear head initialised with std 2e-5. AdamW with
@@ -6,8 +7,9 @@ base LR 5e-3 scaled by batch/256, layer decay 0.65 (MAE convention: the head and
 block k scales decay^(depth - k), the stem decay^(depth + 1)), weight decay 0.05 on matrices only,
 drop path 0.2, label smoothing 0.1 (multiclass; multi-label sets use per-label sigmoid and BCE),
 warmup then cosine per step, test metrics after the last epoch. Differences from the official code:
-no mixup/cutmix, the RandAugment-like policy of eval/augment.py, no gradient clipping (the official
-default) and images held in host memory (fine for the evaluation sets this is meant for).
+no mixup/cutmix, the RandAugment-like policy of eval/finetune_augment.py, no gradient clipping (the
+official default) and images held in host memory (fine for the evaluation sets this is meant for).
+Rows run on the images of `image_splits`, one per seed (training is seeded) on patch_mean_prenorm.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -23,9 +26,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from data_pipelines.modalities import modality_id
+from data_pipelines.multicrop import center_crop
 from mermed_jax import sharding
-from mermed_jax.eval import augment
-from mermed_jax.eval.encoders import RANDOM, Encoder
+from mermed_jax.eval import finetune_augment, protocols
+from mermed_jax.eval.encoders import PIXELS, RANDOM, Encoder
+from mermed_jax.eval.features import FeatureSet, load_images
+from mermed_jax.eval.inputs import Dataset, pipeline_config, three_splits
 from mermed_jax.models.vit import LN_EPS, ViT, ViTConfig
 from mermed_jax.preprocess import normalize_images
 from mermed_jax.ssl.schedules import cosine_schedule
@@ -108,7 +115,7 @@ def finetune(cfg: ml_collections.ConfigDict, encoder: Encoder, task: str, num_cl
                        donate_argnums=(0, 1))
     def train_step(params, opt_state, images, labels, key, learning_rate):
         aug_keys = jax.random.split(jax.random.fold_in(key, 0), images.shape[0])
-        views = jax.vmap(lambda k, im: augment.train_view(k, im, size, modality_mean, modality_std, cfg.erase_prob,
+        views = jax.vmap(lambda k, im: finetune_augment.train_view(k, im, size, modality_mean, modality_std, cfg.erase_prob,
                                             cfg.randaug_ops, cfg.randaug_magnitude))(
             aug_keys, images)
 
@@ -149,3 +156,38 @@ def finetune(cfg: ml_collections.ConfigDict, encoder: Encoder, task: str, num_cl
 def resize_size(image_size: int, crop_fraction: float) -> int:
     """The short side images are resized to before the crop (256 for 224 at 0.875)."""
     return int(math.floor(image_size / crop_fraction + 0.5))
+
+
+def image_splits(config: ml_collections.ConfigDict, dataset: Dataset, encoder: Encoder, eval_dir: pathlib.Path,
+                 mesh: jax.sharding.Mesh) -> dict[str, FeatureSet]:
+    """Fine-tuning images (the same for every encoder): train at the resize resolution (random crops
+    come later), val and test resized and centre-cropped to the fine-tuning resolution."""
+    ft = config.finetune
+    resize = resize_size(ft.image_size, ft.crop_fraction)
+
+    def load(split: str) -> FeatureSet:
+        if split == "train" or not dataset.native_splits:  # a made split mixes records: load all alike
+            return load_images(pipeline_config(config, dataset.directory, split, resize, 1.0))
+        return load_images(pipeline_config(config, dataset.directory, split, ft.image_size, ft.crop_fraction))
+
+    found = three_splits(config, dataset, load)
+    if not dataset.native_splits:  # centre-crop val/test from the resize-resolution images
+        for name in ("val", "test"):
+            images = found[name].features["image"]
+            crops = np.stack([center_crop(im, ft.image_size, ft.crop_fraction) for im in images]) \
+                if len(images) else images
+            found[name] = dataclasses.replace(found[name], features={"image": crops})
+    return found
+
+
+def _features(config: ml_collections.ConfigDict, encoder: Encoder) -> tuple[str, ...]:
+    """The pooled tokens the new head reads; raw pixels have no network to fine-tune."""
+    return () if encoder.kind == PIXELS else ("patch_mean_prenorm",)
+
+
+@protocols.register("finetune", inputs=image_splits, features=_features)
+def _scores(config: ml_collections.ConfigDict, row: protocols.Row) -> protocols.Scores:
+    result = finetune(config.finetune, row.encoder, row.dataset.task, len(row.dataset.label_names),
+                      modality_id(row.dataset.modality), row.train.features["image"], row.train.labels,
+                      row.test.features["image"], row.mesh, row.key["seed"])
+    return protocols.Scores(result.test_scores)
