@@ -1,6 +1,6 @@
 """A stand-in pretraining job for fault injection: checkpoints through mermed_jax.training.checkpointing.
 
-  python -m tests._checkpoint_job WORKDIR LAST_STEP
+  python tests/_checkpoint_job.py WORKDIR LAST_STEP    (from the repository root)
 
 Each step saves a 1 MB state, a Grain iterator and the meta through the job's own manager, options
 and save/restore functions, then resumes from the latest complete checkpoint when restarted,
@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from repo import ROOT
+
 META = {"seed": 0, "process_count": 1, "host_batch": 1}
 
 
@@ -58,7 +59,8 @@ def run(workdir: str, last_step: int) -> None:
 
 
 def command(workdir: pathlib.Path, last_step: int) -> list[str]:
-    return [sys.executable, "-m", "tests._checkpoint_job", str(workdir), str(last_step)]
+    # run as a script, so that tests/ is on its sys.path for `repo`, as in the test process
+    return [sys.executable, str(ROOT / "tests" / "_checkpoint_job.py"), str(workdir), str(last_step)]
 
 
 def env() -> dict:

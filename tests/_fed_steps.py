@@ -3,11 +3,12 @@ devices and once as 2 processes x 4 devices (launch/local_multiprocess.sh), and 
 
   python -m tests._fed_steps OUT.npz    (MERMED_* variables as local_multiprocess.sh sets them)
 
+It runs from the repository root as the module tests._fed_steps, so it imports tests/repo.py as tests.repo.
+
 Every process builds the same global batches from one seed and hands make_array_from_process_local_data
 the rows of its own devices. Process 0 writes the losses and the whole state (gathered to host) to OUT.
 """
 
-import pathlib
 import sys
 
 import jax
@@ -15,20 +16,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mermed_jax import distributed, sharding
-from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.ssl.schedules import build_schedules
 from mermed_jax.training import train_state, train_step
+from tests.repo import pixel_stats, tiny_config_dict
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ("model.depth=1,crops.num_local=2,batch=16,memory=48,partition=16,shards=8,head.use_bn=False,"
         "crops.global_size=16,crops.local_size=8,model.img_size=16")
 STEPS = 5
-MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)
+MEAN, STD = pixel_stats()
 
 
 def main(out: str) -> None:
     distributed.initialize()
-    config = load_config_file(ROOT / "configs" / "demo_cpu.py", ARGS)
+    config = tiny_config_dict(ARGS)
     mesh = sharding.make_mesh((2, 4, 1))
     state, shardings = sharding.create_sharded(lambda: train_state.init_train_state(config, jax.random.key(0)), mesh)
     step = train_step.jit_train_step(train_step.make_train_step(config, MEAN, STD, mesh=mesh), mesh, shardings)

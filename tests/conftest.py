@@ -1,23 +1,25 @@
-"""Shared test setup: 8 simulated CPU devices and a persistent compilation cache.
+"""Shared test setup: 8 simulated CPU devices, a persistent compilation cache, shared fixtures.
 
 The device count must be fixed before jax is imported anywhere, so it is set here, at collection
 time. Tests that want one device build a mesh of `jax.devices()[:1]`.
 """
 import os
 import pathlib
+from collections.abc import Callable
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 from fuzzing import FUZZ_EXAMPLES_ENV  # noqa: E402
 from hypothesis import settings  # noqa: E402
+from repo import ROOT, tiny_config_dict  # noqa: E402
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("JAX_COMPILATION_CACHE_DIR", str(_REPO / ".jax_cache")),
+    os.environ.get("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache")),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -33,7 +35,7 @@ settings.load_profile("long" if os.environ.get(FUZZ_EXAMPLES_ENV) else "ci")
 def realdata_root() -> pathlib.Path | None:
     """Where the shared real medical images are, or None (tests that need them then skip)."""
     env = os.environ.get("MERMED_REALDATA")
-    root = pathlib.Path(env) if env else _REPO.parent / "shared" / "realdata"
+    root = pathlib.Path(env) if env else ROOT.parent / "shared" / "realdata"
     return root if root.is_dir() else None
 
 
@@ -43,3 +45,11 @@ def realdata() -> pathlib.Path:
     if root is None:
         pytest.skip("real data not found: set MERMED_REALDATA or place ../shared/realdata")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., ml_collections.ConfigDict]:
+    """A factory: tiny_config("model.depth=1,batch=16") is a fresh ConfigDict of configs/demo_cpu.py
+    with those `key=value` arguments applied (dotted keys and the aliases get_config accepts);
+    tiny_config() is the demo config unchanged. Each call builds a new one, free to mutate."""
+    return tiny_config_dict

@@ -1,19 +1,16 @@
 """Configs: the paper's numbers, argument overrides, and validation errors that name the key."""
 
-import pathlib
-
 import jax
 import ml_collections
 import pytest
+from repo import ROOT
 
 from mermed_jax.recipe import derived
 from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.recipe.validation import ConfigError, validate_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def cfg(name="demo_cpu", arg=None):
+def cfg(name, arg=None):
     return load_config_file(ROOT / "configs" / f"{name}.py", arg)
 
 
@@ -59,8 +56,8 @@ def test_arguments_override_fields_and_aliases():
         (lambda c: c.mesh.update(dcn_shape=(2, 1, 1), granule="slice"), 8, "mesh.granule='slice': cpu devices"),
     ],
 )
-def test_bad_values_fail_naming_the_key(mutate, devices, key):
-    c = cfg()
+def test_bad_values_fail_naming_the_key(mutate, devices, key, tiny_config):
+    c = tiny_config()
     mutate(c)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
         validate_config(c, devices=None if devices is None else jax.devices()[:devices])

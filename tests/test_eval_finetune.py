@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from repo import pixel_stats
 
 from mermed_jax import sharding
 from mermed_jax.eval import finetune_augment
@@ -18,8 +19,7 @@ CONFIG = ViTConfig(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, img
 
 def _encoder() -> Encoder:
     params = ViT(CONFIG).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)["params"]
-    return Encoder("step_000001", "checkpoint", CONFIG, jax.device_get(params), np.full((7, 3), 0.5, np.float32),
-                   np.full((7, 3), 0.25, np.float32))
+    return Encoder("step_000001", "checkpoint", CONFIG, jax.device_get(params), *pixel_stats())
 
 
 def _images(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,10 +19,8 @@ from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import evaluate, sharding
 from mermed_jax.eval import encoders, inputs, protocols, report, sweep
 from mermed_jax.eval.eval_config import eval_recipe, validate
-from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.training import train_state
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATASETS = ("demo_ct", "demo_cxr")
 
 
@@ -34,12 +32,10 @@ def demo_root(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, demo_root) -> pathlib.Path:
+def workdir(tmp_path_factory, demo_root, tiny_config) -> pathlib.Path:
     """A pretraining workdir as pretrain.py leaves it: config.json and an Orbax checkpoint."""
-    config = load_config_file(ROOT / "configs/demo_cpu.py")
+    config = tiny_config("model.depth=1,model.img_size=16,crops.global_size=16,crops.local_size=8")
     config.data.dirs = tuple(str(demo_root / d) for d in DATASETS)
-    config.model.update(dict(depth=1, img_size=16))
-    config.crops.update(dict(global_size=16, local_size=8))
     workdir = tmp_path_factory.mktemp("pretrain")
     (workdir / "config.json").write_text(config.to_json_best_effort())
     state = nn.unbox(train_state.init_train_state(config, jax.random.key(3)))

@@ -32,10 +32,8 @@ from mermed_jax import pretrain
 from mermed_jax.interop.trees import backbone_shapes, unflatten
 from mermed_jax.interop.weight_export import export_params
 from mermed_jax.models.vit import ViTConfig
-from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.training import checkpointing
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("MERMED_FAULT_KILLS", 4))  # kill points per run; `make fuzz` sets 40
 
 
@@ -143,12 +141,12 @@ def test_damaged_checkpoint_restores_exactly_or_is_refused_naming_it(saved_job, 
 
 # --------------------------------------------------------------------------- unwritable places
 
-def test_unwritable_workdir_and_outputs_fail_naming_the_path_before_any_work(tmp_path, capsys, monkeypatch):
+def test_unwritable_workdir_and_outputs_fail_naming_the_path_before_any_work(tmp_path, capsys, monkeypatch, tiny_config):
     """Root ignores file modes, so the unwritable place is a path under a regular file."""
     monkeypatch.setenv("MERMED_ID_KEY", "ab" * 32)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    config = load_config_file(ROOT / "configs" / "demo_cpu.py")
+    config = tiny_config()
     with pytest.raises(OSError, match=str(blocker)):
         pretrain.train(config, blocker / "workdir")
     source = tmp_path / "images" / "cls"

@@ -10,7 +10,6 @@ is a validator gap: a job that would die after compilation, minutes into a pod r
 from __future__ import annotations
 
 import math
-import pathlib
 
 import jax
 import ml_collections
@@ -18,17 +17,16 @@ import pytest
 from fuzzing import budget
 from hypothesis import event, given
 from hypothesis import strategies as st
+from repo import tiny_config_dict
 
 from mermed_jax import pretrain
-from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.recipe.validation import ConfigError, validate_config
 from mermed_jax.ssl.schedules import build_schedules
 from mermed_jax.training import train_state
 
 pytestmark = pytest.mark.fuzz
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BASE = load_config_file(ROOT / "configs" / "demo_cpu.py").to_dict()
+BASE = tiny_config_dict().to_dict()
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -72,7 +70,7 @@ def _set(tree: dict, key: str, value: object) -> None:
 
 @st.composite
 def edited_configs(draw: st.DrawFn) -> tuple[ml_collections.ConfigDict, list[str]]:
-    tree = load_config_file(ROOT / "configs" / "demo_cpu.py").to_dict()
+    tree = tiny_config_dict().to_dict()
     keys = draw(st.lists(st.sampled_from(sorted(LEAVES)), min_size=1, max_size=3, unique=True))
     for key in keys:
         _set(tree, key, draw(_values_like(LEAVES[key])))

@@ -12,7 +12,8 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from repo import ROOT
+
 HEAVY = ("grain", "cv2", "tensorflow", "clu", "tensorflow_datasets")
 
 

@@ -8,10 +8,8 @@ of models/pos_embed.py.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -21,9 +19,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hostile import code_running_pickle
 from safetensors import numpy as st_numpy
 from scipy.special import erf
 
+from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax.interop import files
 from mermed_jax.interop.exported_encoder import load_encoder
 from mermed_jax.interop.files import CheckpointError
@@ -259,15 +259,8 @@ def test_export_import_round_trip_is_exact(tmp_path, fmt, scan):
                 np.testing.assert_array_equal(mine[path], value)
 
 
-def _demo_config():
-    spec = importlib.util.spec_from_file_location("demo_cpu", "configs/demo_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def test_import_fills_student_and_teacher_of_a_train_state(tmp_path):
-    config = _demo_config()
+def test_import_fills_student_and_teacher_of_a_train_state(tmp_path, tiny_config):
+    config = tiny_config()
     student, _ = build_networks(config)
     crops = [jnp.zeros((1, 2, config.crops.global_size, config.crops.global_size, 3))]
     variables = jax.jit(lambda: student.init({"params": jax.random.key(0)}, crops, train=False))()
@@ -400,18 +393,10 @@ def test_head_that_does_not_fit_is_reported_and_skipped(small_timm_file):
 
 # --------------------------------------------------------------------------- (f) hostile files
 
-class _Payload:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
 def test_pickle_as_pth_without_torch_is_refused_unread(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"cls_token": _Payload(str(marker))}))
+    path.write_bytes(code_running_pickle(marker))
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     with pytest.raises(CheckpointError, match=r"evil\.pth: .*torch is not installed"):
         load_weights(path, SMALL)
@@ -455,8 +440,8 @@ def test_msgpack_with_wrong_shapes_is_refused(tmp_path):
 
 def test_load_encoder_normalises_per_modality(tmp_path):
     params = _random_model(SMALL)
-    mean = np.linspace(0.1, 0.7, 21).reshape(7, 3)
-    std = np.linspace(0.2, 0.4, 21).reshape(7, 3)
+    mean = np.linspace(0.1, 0.7, 3 * NUM_MODALITIES).reshape(NUM_MODALITIES, 3)
+    std = np.linspace(0.2, 0.4, 3 * NUM_MODALITIES).reshape(NUM_MODALITIES, 3)
     out = tmp_path / "enc.msgpack"
     export_params(params, None, SMALL, out, "msgpack", pixel_mean=mean, pixel_std=std)
     encoder = load_encoder(out)

@@ -5,7 +5,6 @@ Needs torch and timm (`make test-interop` builds .venv-interop with them); skipp
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
+from hostile import RunsCode  # noqa: E402
 from safetensors import torch as st_torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
@@ -107,18 +107,10 @@ def test_timm_classifier_is_reported_as_unexpected(tmp_path):
     assert set(weights.backbone) == set(backbone_shapes(config))
 
 
-class _Payload:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
 def test_pickle_with_code_is_refused_by_weights_only(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"cls_token": _Payload(str(marker))}, str(path))
+    torch.save({"cls_token": RunsCode(marker)}, str(path))
     with pytest.raises(CheckpointError, match=r"evil\.pth: torch.load\(weights_only=True\) refused the file"):
         load_weights(path, SMALL)
     assert not marker.exists()

@@ -15,11 +15,11 @@ import stat
 import subprocess
 
 import pytest
+from repo import ROOT
 
 from data_pipelines.modalities import MODALITIES
 from data_pipelines.sources.synthetic import write_demo_data
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(900)]
 

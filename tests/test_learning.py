@@ -19,27 +19,23 @@ wall on the 2-core machine while other test runs share it (the train-step compil
 cold, is cached in .jax_cache afterwards).
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import synthetic_views
+from repo import pixel_stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax import sharding
 from mermed_jax.models import networks
 from mermed_jax.models.vit import ViT
 from mermed_jax.recipe import derived
-from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.ssl.schedules import build_schedules
 from mermed_jax.training import train_state, train_step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEED = 2
 STEPS = 120
 EPOCHS = 6  # the schedules' "epochs": 20 steps each, so the LR warms up over the first 20 steps
@@ -48,11 +44,8 @@ NUM_LOCAL = 2  # two 16 px local crops (the demo uses 4): cheaper steps, the sam
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 
 
-def _config():
-    config = load_config_file(
-        ROOT / "configs" / "demo_cpu.py",
-        f"num_train_images={BATCH * STEPS // EPOCHS},epochs={EPOCHS},crops.num_local={NUM_LOCAL}",
-    )
+def _config(tiny_config):
+    config = tiny_config(f"num_train_images={BATCH * STEPS // EPOCHS},epochs={EPOCHS},crops.num_local={NUM_LOCAL}")
     assert (config.crops.global_size, config.crops.local_size) == (32, 16)
     assert config.model.variant.endswith("/4") and (config.model.width, config.model.depth) == (64, 2)
     assert (config.memory.size, config.global_batch) == (1024, BATCH)
@@ -69,8 +62,8 @@ def _probe_auroc(features: np.ndarray, labels: np.ndarray) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_tiny_config_learns_features_a_linear_probe_can_use():
-    config = _config()
+def test_tiny_config_learns_features_a_linear_probe_can_use(tiny_config):
+    config = _config(tiny_config)
     rng = np.random.default_rng(SEED)
     train_images, train_labels = synthetic_views.make_images(rng, 512)
     modality = rng.integers(0, 2, len(train_images)).astype(np.int32)  # two modalities: gating masks half
@@ -82,9 +75,7 @@ def test_tiny_config_learns_features_a_linear_probe_can_use():
         lambda: train_state.init_train_state(config, jax.random.key(SEED)), mesh
     )
     step = train_step.jit_train_step(
-        train_step.make_train_step(
-            config, np.full((NUM_MODALITIES, 3), PIXEL_MEAN), np.full((NUM_MODALITIES, 3), PIXEL_STD)
-        ),
+        train_step.make_train_step(config, *pixel_stats(PIXEL_MEAN, PIXEL_STD)),
         mesh, shardings,
     )
     schedules = build_schedules(config)

@@ -13,19 +13,18 @@ before running it (docs/pods.md).
 """
 
 import os
-import pathlib
 import subprocess
 
 import jax
 import numpy as np
 import pytest
 from job_outputs import losses_by_step
+from repo import ROOT
 
 from data_pipelines.modalities import MODALITIES
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax.training import checkpointing
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(2400)]
 

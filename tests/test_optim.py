@@ -1,11 +1,10 @@
 """AdamW with per-tensor clipping, layer decay and scheduled decoupled weight decay."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from repo import ROOT
 
 from mermed_jax.models.networks import abstract_params
 from mermed_jax.recipe.arguments import load_config_file
@@ -16,8 +15,6 @@ from mermed_jax.training.optim import (
     make_optimizer,
     weight_decay_mask,
 )
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _flat(tree):

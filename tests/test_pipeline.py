@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from repo import ROOT
 
 from data_pipelines import (
     eval_pipeline,
@@ -432,7 +433,7 @@ def test_two_processes_build_a_balanced_global_batch(three_modalities, tmp_path)
     script = tmp_path / "host.py"
     script.write_text(_TWO_HOSTS)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(ROOT)
     procs = [subprocess.Popen([sys.executable, str(script), address, str(p), json.dumps(three_modalities)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for p in range(2)]

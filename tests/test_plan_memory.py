@@ -1,23 +1,19 @@
 """plan_memory: per-device state bytes from the shardings agree with XLA's argument sizes, and the
 queue and the FSDP-sharded state shrink with the device count."""
 
-import pathlib
-
 import jax
 import pytest
 
 from mermed_jax import plan_memory
-from mermed_jax.recipe.arguments import load_config_file
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = "model.depth=1,crops.num_local=2,batch=16,memory=1024,partition=256,shards=8,model.scan_layers=True"
 
 
 @pytest.mark.slow
-def test_fsdp_over_8_devices_shards_state_and_queue():
+def test_fsdp_over_8_devices_shards_state_and_queue(tiny_config):
     plans = {}
     for devices, mesh in ((1, (1, 1, 1)), (8, (1, 8, 1))):
-        config = load_config_file(ROOT / "configs" / "demo_cpu.py", ARGS)
+        config = tiny_config(ARGS)
         config.mesh.shape = mesh
         plans[devices] = plan_memory.plan(config, jax.devices()[:devices])
     one, eight = plans[1], plans[8]

@@ -14,17 +14,16 @@ import numpy as np
 import pytest
 from _checkpoint_job import saving_now, wait_for
 from job_outputs import losses_by_step
+from repo import ROOT
 
 from data_pipelines.modalities import MODALITIES
 from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import pretrain, sharding
 from mermed_jax.interop.weight_export import export_params
 from mermed_jax.models import networks
-from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.ssl import schedules as schedules_lib
 from mermed_jax.training import checkpointing, train_state
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 4  # steps before the interruption; runs go to 2N
 JOB_TIMEOUT_S = 240.0  # the real CLI compiles for about half a minute before its first step
 pytestmark = pytest.mark.slow
@@ -147,8 +146,8 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path, data_dirs):
     _assert_states_equal(saved, restored)
 
 
-def test_non_finite_updates_are_skipped_then_stop_the_job(tmp_path, data_dirs, monkeypatch):
-    config = load_config_file(ROOT / "configs" / "demo_cpu.py")
+def test_non_finite_updates_are_skipped_then_stop_the_job(tmp_path, data_dirs, monkeypatch, tiny_config):
+    config = tiny_config()
     for key, value in _overrides(data_dirs, max_steps=12, max_skipped_steps=3).items():
         node = config
         *parents, leaf = key.split(".")
@@ -175,9 +174,9 @@ def test_non_finite_updates_are_skipped_then_stop_the_job(tmp_path, data_dirs, m
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
-def test_init_checkpoint_loads_into_student_and_teacher(tmp_path, data_dirs):
+def test_init_checkpoint_loads_into_student_and_teacher(tmp_path, data_dirs, tiny_config):
     """config.init_checkpoint (timm-named safetensors here) replaces the random initialisation."""
-    config = load_config_file(ROOT / "configs" / "demo_cpu.py")
+    config = tiny_config()
     donor = train_state.init_train_state(config, jax.random.key(123))
     weights = tmp_path / "donor.safetensors"
     export_params(checkpointing.nn.unbox(donor.params)["backbone"], None,

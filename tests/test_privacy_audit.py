@@ -11,15 +11,15 @@ pickles that would run code when unpickled, hidden under each weight and data su
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
-import pickle
 import shutil
 
 import jax
 import numpy as np
 import pydicom
 import pytest
+from hostile import RunsCode, code_running_pickle
+from repo import ROOT
 
 from data_pipelines import convert as convert_cli
 from data_pipelines import stats
@@ -35,7 +35,6 @@ from mermed_jax.models.vit import ViTConfig
 from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.training import checkpointing
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 GROUPS = {"ct": ["CT_small.dcm", "693_UNCR.dcm", "ctbrain1.dcm"],
           "us": ["GREYSCALE_IMAGE.dcm", "OBXXXX1A.dcm", "US1_UNCR.dcm"], "cxr": ["RG1_J2KI.dcm"]}
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
@@ -72,7 +71,7 @@ def leaks(roots: list[pathlib.Path], texts: list[str], secrets: set[str]) -> lis
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_nothing_written_printed_or_logged_holds_a_tag_value_or_source_file_name(realdata, tmp_path, capsys, caplog):
+def test_nothing_written_printed_or_logged_holds_a_tag_value_or_source_file_name(realdata, tmp_path, capsys, caplog, tiny_config):
     caplog.set_level(logging.INFO)
     sources, outputs = tmp_path / "sources", tmp_path / "out"
     key_file = tmp_path / "keys" / "id.key"
@@ -92,10 +91,8 @@ def test_nothing_written_printed_or_logged_holds_a_tag_value_or_source_file_name
         assert code == 0
     dirs = tuple(str(outputs / "data" / f"dicom_{m}") for m in GROUPS)
 
-    config = load_config_file(ROOT / "configs" / "demo_cpu.py")
+    config = tiny_config("max_steps=2,log_every_steps=1,checkpoint.every_steps=2,model.depth=1,crops.num_local=2")
     config.data.dirs = dirs
-    config.max_steps, config.log_every_steps, config.checkpoint.every_steps = 2, 1, 2
-    config.model.depth, config.crops.num_local = 1, 2
     pretrain.train(config, outputs / "workdir")
 
     write_demo_data(tmp_path / "labelled", images_per_modality=24, size=32, seed=0, shard_size=64)
@@ -121,22 +118,12 @@ def test_nothing_written_printed_or_logged_holds_a_tag_value_or_source_file_name
 
 # --------------------------------------------------------------------------- hostile files
 
-class _RunsCode:
-    """Unpickling this calls os.mkdir(marker): the sentinel of code execution."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".msgpack"])
 def test_a_pickle_that_would_run_code_is_refused_as_weights(tmp_path, suffix):
     """With torch installed, torch.load(weights_only=True) refuses it; without, it is never opened."""
     marker = tmp_path / "code_ran"
     path = tmp_path / f"evil{suffix}"
-    path.write_bytes(pickle.dumps({"cls_token": _RunsCode(str(marker))}))
+    path.write_bytes(code_running_pickle(marker))
     with pytest.raises(CheckpointError, match=rf"evil\{suffix}: "):
         load_weights(path, ViTConfig(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4, img_size=8))
     assert not marker.exists()
@@ -145,7 +132,7 @@ def test_a_pickle_that_would_run_code_is_refused_as_weights(tmp_path, suffix):
 def test_a_pickle_in_a_medmnist_npz_is_refused(tmp_path):
     marker = tmp_path / "code_ran"
     path = tmp_path / "pathmnist.npz"
-    np.savez(path, train_images=np.array([_RunsCode(str(marker))], dtype=object), train_labels=np.zeros((1, 1)))
+    np.savez(path, train_images=np.array([RunsCode(marker)], dtype=object), train_labels=np.zeros((1, 1)))
     with pytest.raises((ConversionError, ValueError), match="allow_pickle"):
         convert(MedMnistSource(path), b"k" * 32, ConvertOptions(dataset="m", out_dir=tmp_path / "out", progress=False))
     assert not marker.exists()

@@ -1,10 +1,10 @@
 """Per-step schedules with DINO's semantics, checked at chosen steps against closed forms."""
 
 import math
-import pathlib
 
 import numpy as np
 import pytest
+from repo import ROOT
 
 from mermed_jax.recipe import derived
 from mermed_jax.recipe.arguments import load_config_file
@@ -13,8 +13,6 @@ from mermed_jax.ssl.schedules import (
     cosine_schedule,
     teacher_temperature_schedule,
 )
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name, arg=None):

@@ -25,34 +25,28 @@ third step, so modality gating is active in steps 4 and 5.
 """
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from repo import pixel_stats
 
 from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax import sharding
-from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.memory_loss import memory_cross_entropy
 from mermed_jax.ssl.schedules import build_schedules
 from mermed_jax.training import hlo_stats, train_state, train_step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)
+MEAN, STD = pixel_stats()
 ARGS = ("model.depth=1,crops.num_local=2,batch=16,memory=48,partition=16,shards=8,"
         "crops.global_size=16,crops.local_size=8,model.img_size=16")
 STEPS = 5
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2)]
 RTOL = 1e-5
 BN_RTOL = 1e-4
-
-
-def _config(use_bn: bool):
-    return load_config_file(ROOT / "configs" / "demo_cpu.py", f"{ARGS},head.use_bn={use_bn}")
 
 
 def _batches(config, steps: int) -> list[dict[str, np.ndarray]]:
@@ -109,8 +103,8 @@ def _assert_states_close(ref_state, state, use_bn: bool, where, rtol: float = RT
 
 
 @pytest.fixture(scope="module")
-def reference():
-    config = _config(use_bn=False)
+def reference(tiny_config):
+    config = tiny_config(f"{ARGS},head.use_bn=False")
     return config, _train(config, (1, 1, 1), jax.devices()[:1])
 
 
@@ -127,8 +121,8 @@ def test_mesh_equals_one_device(reference, mesh_shape):
 
 
 @pytest.mark.slow
-def test_batchnorm_on_agrees_except_zero_gradient_parameters():
-    config = _config(use_bn=True)
+def test_batchnorm_on_agrees_except_zero_gradient_parameters(tiny_config):
+    config = tiny_config(f"{ARGS},head.use_bn=True")
     steps = 3
     ref = _train(config, (1, 1, 1), jax.devices()[:1], steps)
     got = _train(config, (2, 2, 2), jax.devices(), steps)
@@ -138,8 +132,8 @@ def test_batchnorm_on_agrees_except_zero_gradient_parameters():
 
 
 @pytest.mark.parametrize("use_bn", [False, True])
-def test_left_out_parameters_have_zero_gradient(use_bn):
-    config = _config(use_bn)
+def test_left_out_parameters_have_zero_gradient(tiny_config, use_bn):
+    config = tiny_config(f"{ARGS},head.use_bn={use_bn}")
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     state, _ = sharding.create_sharded(lambda: train_state.init_train_state(config, jax.random.key(0)), mesh)
     loss_fn = train_step.make_loss_fn(config, MEAN, STD)

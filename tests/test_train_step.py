@@ -1,29 +1,26 @@
 """The jitted train step: teacher without gradient, enqueue of the second global crop, metrics,
 and on-device skipping of non-finite updates."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from repo import pixel_stats
 
 from data_pipelines.modalities import MODALITIES
 from mermed_jax import sharding
 from mermed_jax.models import networks
-from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.schedules import build_schedules
 from mermed_jax.training import train_state, train_step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-MEAN, STD = np.full((7, 3), 0.5, np.float32), np.full((7, 3), 0.25, np.float32)
+MEAN, STD = pixel_stats()
 
 
 @pytest.fixture(scope="module")
-def setup():
-    config = load_config_file(ROOT / "configs" / "demo_cpu.py", "model.depth=1,crops.num_local=2")
+def setup(tiny_config):
+    config = tiny_config("model.depth=1,crops.num_local=2")
     mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
     make_state = lambda: train_state.init_train_state(config, jax.random.key(0))  # noqa: E731
     _, shardings = sharding.create_sharded(make_state, mesh)
@@ -107,11 +104,11 @@ def test_micro_batch_split_keeps_rows_on_their_shard_and_inverts():
     np.testing.assert_array_equal(train_step.from_micro_batches(micro, 4), x)
 
 
-def test_gradient_accumulation_equals_one_large_step_without_batchnorm():
+def test_gradient_accumulation_equals_one_large_step_without_batchnorm(tiny_config):
     base = "model.depth=1,crops.num_local=2,head.use_bn=False"
     results = []
     for accum in (1, 4):
-        config = load_config_file(ROOT / "configs" / "demo_cpu.py", f"{base},grad_accum_steps={accum}")
+        config = tiny_config(f"{base},grad_accum_steps={accum}")
         mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:2])
         state, shardings = sharding.create_sharded(lambda c=config: train_state.init_train_state(c, jax.random.key(0)), mesh)
         step = train_step.jit_train_step(train_step.make_train_step(config, MEAN, STD, batch_shards=2), mesh, shardings)
