@@ -21,7 +21,8 @@ from data_pipelines.modalities import MODALITIES
 from data_pipelines.sources.synthetic import write_demo_data
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
-pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(900)]
+# Rehearsals of a pod launch (minutes of 2-process jobs each): `make test-long`, not `make test`.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.long, pytest.mark.timeout(900)]
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # srun stand-in: every task on this machine, with the environment SLURM gives a task.
