@@ -67,8 +67,12 @@ INTEROP_VENV := .venv-interop
 INTEROP_PY := $(INTEROP_VENV)/bin/python
 INTEROP_STAMP := $(INTEROP_VENV)/.installed
 
+# Triton (torch's GPU compiler, pulled in by the CUDA build) is removed: its LLVM segfaults at import
+# once TensorFlow and OpenCV are loaded, as they are when pytest collects the suite; the CPU
+# tests never use it.
 $(INTEROP_STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(call make_venv,$(INTEROP_VENV),torch==2.14.1 torchvision==0.29.1 timm==1.0.31)
+	$(INTEROP_PY) -m pip uninstall --quiet --yes triton
 
 test-interop: $(INTEROP_STAMP)
 	$(INTEROP_PY) -m pytest -m interop $(PYTEST_ARGS)
