@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
     config.ema.update(dict(momentum=0.9))  # cosine 0.9 -> 1: the teacher follows within a short run
     # `make demo` writes these with `python -m data_pipelines.convert demo --out demo_data`.
     config.data.dirs = tuple(f"demo_data/demo_{m}" for m in MODALITIES)
+    config.pixel_stats.source = "measured"  # synthetic images: their own statistics, not the official ones
     config.log_every_steps = 25
     config.checkpoint.every_steps = 100
     config.profile.every_steps = 0

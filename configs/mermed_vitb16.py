@@ -19,5 +19,6 @@ from mermed_jax.recipe import arguments, schema
 
 def get_config(arg: str | None = None):
     config = schema.paper_recipe()
+    config.num_train_images = 3_300_000  # the paper's corpus; unset, it is counted from data.dirs
     config.init_checkpoint = "dino_vitbase16_pretrain.pth"
     return arguments.apply_arguments(config, arg)

@@ -13,7 +13,8 @@ A batch, per host, with B = local devices x per-device batch, device d owning ro
     global    uint8 [B, num_global, G, G, 3]
     local     uint8 [B, num_local, L, L, 3]
     modality  int32 [B]   (ids of data_pipelines.modalities)
-Images stay uint8 until the train step normalises them on device with `stats.modality_stats`.
+Images stay uint8 until the train step normalises them on device with the run's pixel statistics
+(mermed_jax/training/run_record.py).
 `mermed_jax.sharding.to_global` turns the host batches into global jax.Arrays.
 
 Configuration (`TrainConfig`, or `TrainConfig.from_config(config.data)` for an ml_collections

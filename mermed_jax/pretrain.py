@@ -22,10 +22,9 @@ from absl import app, flags
 from clu import parameter_overview, periodic_actions
 from ml_collections import config_flags
 
-from data_pipelines import pipeline, stats
+from data_pipelines import pipeline
 from mermed_jax import distributed, sharding
 from mermed_jax.models import networks
-from mermed_jax.recipe import derived
 from mermed_jax.recipe.validation import validate_config
 from mermed_jax.ssl.schedules import build_schedules
 from mermed_jax.training import (
@@ -33,6 +32,7 @@ from mermed_jax.training import (
     flops,
     init_from_pretrained,
     metric_writers,
+    run_record,
     train_state,
     train_step,
 )
@@ -63,9 +63,11 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     mesh = sharding.mesh_from_config(config.mesh)
     logging.info("mesh %s; the process of each device: %s", dict(mesh.shape),
                  np.vectorize(lambda d: d.process_index)(mesh.devices).tolist())
-    total_steps = derived.total_steps(config)
+    # The input statistics and the run's length: fixed at the first start, kept on resume.
+    record = run_record.settle(workdir, config, resuming=bool(checkpointing.complete_steps(workdir / "checkpoints")))
+    total_steps = record.total_steps
     stop_at = min(total_steps, config.max_steps or total_steps)
-    schedules = build_schedules(config)
+    schedules = build_schedules(config, record.steps_per_epoch)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
 
     # ------------------------------------------------------------------ data
@@ -73,7 +75,7 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
         config.data, global_batch=config.global_batch, crops=config.crops, seed=config.seed
     )
     data_iterator = pipeline.train_iterator(data_config)
-    pixel_mean, pixel_std = stats.modality_stats(config.data.dirs, config.data.split)
+    pixel_mean, pixel_std = record.stats()
     host_batch = config.global_batch // jax.process_count()
 
     # ------------------------------------------------------------------ state

@@ -2,12 +2,16 @@
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 from repo import ROOT
 
+from data_pipelines.manifest import load_manifest
+from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax.recipe import derived
 from mermed_jax.recipe.arguments import load_config_file
 from mermed_jax.recipe.validation import ConfigError, validate_config
+from mermed_jax.ssl.schedules import build_schedules
 
 
 def cfg(name, arg=None):
@@ -61,3 +65,46 @@ def test_bad_values_fail_naming_the_key(mutate, devices, key, tiny_config):
     mutate(c)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
         validate_config(c, devices=None if devices is None else jax.devices()[:devices])
+
+
+def _from_command_line(*args: str) -> ml_collections.ConfigDict:
+    """The config as `python -m mermed_jax.pretrain --config=... <args>` builds it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["pretrain", *args]
+    values = flags.FlagValues()  # config_flags reads argv when defined, as the CLIs' run() does with sys.argv
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+@pytest.mark.parametrize("key,alias,value", [("global_batch", "batch", 512), ("epochs", "epochs", 50),
+                                             ("num_train_images", "num_train_images", 1_000_000)])
+def test_every_way_of_setting_a_value_gives_the_same_run(key, alias, value):
+    """A --config.key= flag is applied after get_config returns: nothing derived may be frozen by then."""
+    paper = str(ROOT / "configs" / "mermed_vitb16.py")
+    by_flag = _from_command_line(f"--config={paper}", f"--config.{key}={value}")
+    by_argument = _from_command_line(f"--config={paper}:{alias}={value}")
+    by_file = cfg("mermed_vitb16")
+    by_file[key] = value
+    per_epoch = {derived.steps_per_epoch(c) for c in (by_flag, by_argument, by_file)}
+    assert len(per_epoch) == 1
+    if key == "global_batch":
+        assert per_epoch == {6446}
+    schedules = [build_schedules(c) for c in (by_flag, by_argument, by_file)]
+    for other in schedules[1:]:
+        for name in ("learning_rate", "weight_decay", "momentum", "teacher_temp"):
+            np.testing.assert_array_equal(getattr(schedules[0], name), getattr(other, name))
+
+
+def test_unset_num_train_images_counts_the_records_of_the_data(tmp_path, tiny_config):
+    write_demo_data(tmp_path, images_per_modality=20, size=16, seed=0, shard_size=64)
+    config = tiny_config("num_train_images=None,global_batch=8")
+    config.data.dirs = tuple(str(tmp_path / f"demo_{m}") for m in ("ct", "cxr"))
+    images = derived.train_images(config)
+    assert images == sum(load_manifest(d).splits["train"].num_records for d in config.data.dirs)
+    assert derived.steps_per_epoch(config) == -(-images // 8)
+    config.data.dirs = ()
+    with pytest.raises(ValueError, match="num_train_images"):
+        derived.train_images(config)

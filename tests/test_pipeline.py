@@ -20,14 +20,17 @@ from repo import ROOT
 from data_pipelines import (
     eval_pipeline,
     manifest,
+    normalization,
     record_source,
     records,
     sampler,
     stats,
 )
+from data_pipelines.manifest import load_manifest
 from data_pipelines.modalities import NUM_MODALITIES, modality_id
 from data_pipelines.multicrop import MultiCropConfig
 from data_pipelines.pipeline import TrainConfig, train_iterator
+from mermed_jax.recipe import schema
 from mermed_jax.sharding import to_global
 
 TINY = MultiCropConfig(global_size=16, local_size=8, num_local=2)
@@ -283,9 +286,6 @@ def test_config_from_configdict(three_modalities):
 
 
 def test_config_from_the_paper_recipe(three_modalities):
-    from mermed_jax.recipe import schema
-
-
     config = schema.paper_recipe()
     config.data.dirs = tuple(three_modalities)
     cfg = TrainConfig.from_config(config.data, global_batch=config.global_batch, crops=config.crops)
@@ -303,14 +303,17 @@ def test_to_global_shards_batch_over_devices(three_modalities):
     np.testing.assert_array_equal(np.asarray(arrays["local"]), batch["local"])
 
 
-def test_modality_stats_defaults_and_manifest(three_modalities):
-    mean, std = stats.modality_stats()
+def test_measured_stats_pool_the_manifests_and_fall_back_to_a_table(three_modalities):
+    official_mean, official_std = normalization.table("official")
+    mean, std = stats.measured_stats(three_modalities)
     assert mean.shape == std.shape == (NUM_MODALITIES, 3) and mean.dtype == np.float32
-    np.testing.assert_allclose(mean[0], stats.IMAGENET_MEAN)
-    mean, std = stats.modality_stats(three_modalities)
     np.testing.assert_allclose(mean[modality_id("ct")], 0.5)
     np.testing.assert_allclose(std[modality_id("derm")], 0.25)
-    np.testing.assert_allclose(mean[modality_id("oct")], stats.IMAGENET_MEAN)
+    np.testing.assert_allclose(mean[modality_id("oct")], official_mean[modality_id("oct")])
+    mean, _ = stats.measured_stats(three_modalities, fallback="imagenet")
+    np.testing.assert_allclose(mean[modality_id("oct")], normalization.IMAGENET[0])
+    assert stats.split_size(three_modalities) == sum(
+        load_manifest(d).splits["train"].num_records for d in three_modalities)
 
 
 @pytest.fixture(scope="module")

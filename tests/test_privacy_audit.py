@@ -22,7 +22,6 @@ from hostile import RunsCode, code_running_pickle
 from repo import ROOT
 
 from data_pipelines import convert as convert_cli
-from data_pipelines import stats
 from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
 from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.synthetic import write_demo_data
@@ -99,11 +98,11 @@ def test_nothing_written_printed_or_logged_holds_a_tag_value_or_source_file_name
     eval_config = load_config_file(ROOT / "configs" / "eval_demo.py", f"root={tmp_path / 'labelled'}")
     eval_config.datasets = {"demo_ct": str(tmp_path / "labelled" / "demo_ct")}  # the DICOM sets have no labels
     eval_config.plots = False
-    encoder = encoders.from_checkpoint(outputs / "workdir", None)  # normalised with the DICOM sets' statistics
+    encoder = encoders.from_checkpoint(outputs / "workdir", None)  # with the run's saved statistics
     evaluate.evaluate(eval_config, [encoder], outputs / "eval")
 
     state, _, _ = checkpointing.load_train_state(outputs / "workdir")
-    mean, std = stats.modality_stats(dirs)
+    mean, std = encoder.pixel_mean, encoder.pixel_std  # the run's saved statistics
     for fmt in ("safetensors", "msgpack"):
         export_params(jax.device_get(state.teacher_params["backbone"]), jax.device_get(state.teacher_params["head"]),
                       encoder.config, outputs / "export" / f"teacher.{fmt}", fmt, pixel_mean=mean, pixel_std=std)

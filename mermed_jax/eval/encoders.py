@@ -19,14 +19,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipelines import normalization as normalization_tables
 from data_pipelines import stats
 from mermed_jax.models import networks
 from mermed_jax.models.vit import ViT, ViTConfig
-from mermed_jax.training import checkpointing
+from mermed_jax.training import checkpointing, run_record
 
 PIXELS = "pixels"
 RANDOM = "random"
-NORMALIZATIONS = ("pretrain", "imagenet")
+NORMALIZATIONS = ("pretrain", "official", "imagenet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,19 +51,29 @@ def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
     return steps
 
 
-def pixel_statistics(pretrain_config: ml_collections.ConfigDict, normalization: str) -> tuple[np.ndarray, np.ndarray]:
-    """The per-modality pixel mean/std the network saw: the pretraining data's (as the train step
-    computed them) or ImageNet's."""
+def pixel_statistics(workdir: str | pathlib.Path, pretrain_config: ml_collections.ConfigDict,
+                     normalization: str) -> tuple[np.ndarray, np.ndarray]:
+    """The per-modality pixel mean/std to evaluate with: 'pretrain', those the run was trained
+    with (its run record; the training data need not be here); or a fixed table, 'official'
+    (MerMED-FM's constants) or 'imagenet'."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization={normalization!r}: expected one of {NORMALIZATIONS}")
-    if normalization == "imagenet":
-        return stats.modality_stats(())
+    if normalization != "pretrain":
+        return normalization_tables.table(normalization)
+    record = run_record.load(workdir)
+    if record is not None:
+        return record.stats()
+    # A workdir written before runs saved their record: its training measured the data's statistics.
     dirs = tuple(pretrain_config.data.dirs)
     missing = [d for d in dirs if not pathlib.Path(d).is_dir()]
     if missing:
-        raise FileNotFoundError(f"normalization='pretrain': the pretraining data.dirs {missing} are not here; "
-                                f"run from the pretraining directory or set normalization='imagenet'")
-    return stats.modality_stats(dirs, pretrain_config.data.split)
+        raise FileNotFoundError(
+            f"normalization='pretrain': {pathlib.Path(workdir) / run_record.RUN_RECORD} does not exist (a run "
+            f"from before run records) and its data.dirs {missing} are not here to measure; run from the "
+            f"pretraining directory or set normalization to 'official' or 'imagenet'")
+    logging.warning("%s has no %s (written before run records): measuring the statistics of its data.dirs, "
+                    "as its training did", workdir, run_record.RUN_RECORD)
+    return stats.measured_stats(dirs, pretrain_config.data.split, fallback="imagenet")
 
 
 def eval_vit_config(pretrain_config: ml_collections.ConfigDict) -> ViTConfig:
@@ -73,7 +84,7 @@ def eval_vit_config(pretrain_config: ml_collections.ConfigDict) -> ViTConfig:
 def from_checkpoint(workdir: str | pathlib.Path, step: int | None, normalization: str = "pretrain") -> Encoder:
     """The teacher backbone of a checkpoint (step None: the latest complete one)."""
     state, config, step = checkpointing.load_train_state(workdir, step)
-    mean, std = pixel_statistics(config, normalization)
+    mean, std = pixel_statistics(workdir, config, normalization)
     params = jax.device_get(state.teacher_params["backbone"])
     return Encoder(f"step_{step:06d}", "checkpoint", eval_vit_config(config), params, mean, std)
 

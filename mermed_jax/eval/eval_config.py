@@ -24,7 +24,7 @@ def eval_recipe() -> ml_collections.ConfigDict:
     c.features = ("cls",)  # frozen features for linear/kNN: cls and/or patch_mean
     c.label_fractions = (1.0,)
     c.seeds = (0, 1, 42, 123, 2025)
-    c.normalization = "pretrain"  # the pretraining data's per-modality statistics, or "imagenet"
+    c.normalization = "pretrain"  # the run's saved per-modality statistics (run.json), "official" or "imagenet"
     c.pixel_size = 16  # raw-pixel baseline: images area-downsampled to pixel_size^2 x 3
     c.data = ml_collections.ConfigDict(dict(image_size=224, crop_fraction=0.875, batch_size=128, read_threads=2))
     # Used only for datasets without train/val/test (stratified, as the official evaluation).

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines import normalization
 from data_pipelines.modalities import MODALITIES
 from mermed_jax.interop import files, timm_names
 from mermed_jax.interop.trees import (
@@ -31,8 +32,6 @@ from mermed_jax.models.vit import ViTConfig
 
 FORMATS = {"msgpack": files.MSGPACK, "safetensors": files.SAFETENSORS, "pth": ".pth"}
 # What DINO's ImageNet initialisation expects; the default when no per-modality statistics are given.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # ViTConfig fields that describe the function; the rest (dtype, remat, drop path, scan) are training choices.
 ARCH_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "img_size", "num_registers", "layerscale_init")
 _TIMM_NAMES = {
@@ -109,8 +108,8 @@ def dino_head_state_dict(head_params: Tree, head_stats: Tree | None) -> dict[str
 
 
 def _normalization(pixel_mean: np.ndarray | None, pixel_std: np.ndarray | None) -> dict[str, dict[str, list[float]]]:
-    mean = np.broadcast_to(np.asarray(IMAGENET_MEAN if pixel_mean is None else pixel_mean, np.float64), (len(MODALITIES), 3))
-    std = np.broadcast_to(np.asarray(IMAGENET_STD if pixel_std is None else pixel_std, np.float64), (len(MODALITIES), 3))
+    mean = np.broadcast_to(np.asarray(normalization.IMAGENET[0] if pixel_mean is None else pixel_mean, np.float64), (len(MODALITIES), 3))
+    std = np.broadcast_to(np.asarray(normalization.IMAGENET[1] if pixel_std is None else pixel_std, np.float64), (len(MODALITIES), 3))
     return {m: {"mean": mean[i].tolist(), "std": std[i].tolist()} for i, m in enumerate(MODALITIES)}
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from data_pipelines import normalization
 from data_pipelines.batch_spec import MultiCropConfig
 from data_pipelines.train_config import FROM_OUTSIDE_DATA_SECTION, TrainConfig
 from mermed_jax.models.head import HeadConfig
@@ -118,6 +119,22 @@ class Mesh:
     processes_per_granule: int = key(1)
 
 
+def _check_given_stats(value: Mapping) -> None:
+    mean, std = normalization.table("official")
+    normalization.with_given(mean, std, {name: tuple(pair) for name, pair in value.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelStats:
+    """The per-modality mean/std the network's inputs are normalised with: the official MerMED-FM
+    constants, `measured` on the shards of data.dirs, or ImageNet's; `given` ({modality: (mean,
+    std)}, 1 or 3 values each) replaces rows. Saved with the run at its first start (run.json);
+    resume, evaluation and export read them from there."""
+
+    source: str = key("official", choices=normalization.SOURCES)
+    given: Mapping[str, Any] | None = key(None, check=_check_given_stats)
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     every_steps: int = key(1000)
@@ -142,7 +159,8 @@ class Recipe:
 
     seed: int = key(0, any_int=True)
     global_batch: int = key(1024)
-    num_train_images: int = key(3_300_000)
+    # Images per epoch; None: the record count of data.split over data.dirs (logged at the start).
+    num_train_images: int | None = key(None)
     epochs: int = key(100)
     grad_accum_steps: int = key(1)  # micro-batches per optimiser step (train_step.make_train_step)
     max_steps: int | None = key(None, ge=0)  # stop early (the schedules still span all epochs)
@@ -161,6 +179,7 @@ class Recipe:
     ema: type = key(Ema)
     mesh: type = key(Mesh)
     data: type = key(TrainConfig)
+    pixel_stats: type = key(PixelStats)
     checkpoint: type = key(Checkpoint)
     profile: type = key(Profile)
 

@@ -19,6 +19,9 @@ from mermed_jax import sharding
 from mermed_jax.recipe import schema
 from mermed_jax.ssl.memory import check_memory_config
 
+# Keys whose value is a mapping of the user's own keys, not a section.
+MAPPING_KEYS = ("data.mixture", "pixel_stats.given")
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the key."""
@@ -28,7 +31,7 @@ def _given_leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     out = {}
     for name, value in tree.items():
         path = f"{prefix}{name}"
-        if isinstance(value, Mapping) and path != "data.mixture":
+        if isinstance(value, Mapping) and path not in MAPPING_KEYS:
             out.update(_given_leaves(value, path + "."))
         else:
             out[path] = value

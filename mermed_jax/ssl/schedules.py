@@ -61,10 +61,13 @@ class Schedules:
         }
 
 
-def build_schedules(config) -> Schedules:
-    """Schedules from the epoch-based config (see configs/mermed_vitb16.py for the fields)."""
-    steps_per_epoch = derived.steps_per_epoch(config)
-    total = derived.total_steps(config)
+def build_schedules(config, steps_per_epoch: int | None = None) -> Schedules:
+    """Schedules from the epoch-based config (see configs/mermed_vitb16.py for the fields).
+
+    steps_per_epoch: the run's saved value (training/run_record.py); None derives it.
+    """
+    steps_per_epoch = derived.steps_per_epoch(config) if steps_per_epoch is None else steps_per_epoch
+    total = derived.total_steps(config, steps_per_epoch)
     opt = config.optim
     peak_lr = opt.base_lr * config.global_batch / 256.0
     return Schedules(
