@@ -133,13 +133,62 @@ def test_teacher_temperature_sharpens_target():
     assert float(sharp) < float(soft)
 
 
-def test_koleo_matches_reference():
+def _official_koleo(x):
+    """MerMED-FM's koleo.py in NumPy: largest dot product (diagonal -1) is the neighbour, then
+    nn.PairwiseDistance(2, eps=1e-8) (eps added to the difference) and -mean log(d + 1e-8)."""
+    dots = x @ x.T
+    np.fill_diagonal(dots, -1.0)
+    nearest = dots.argmax(1)
+    return -np.mean(np.log(np.linalg.norm(x - x[nearest] + 1e-8, axis=-1) + 1e-8))
+
+
+def test_koleo_matches_the_official_formula():
     rng = np.random.default_rng(3)
-    x = _unit(rng.normal(size=(10, DIM))).astype(np.float32)
-    d = np.linalg.norm(x[:, None] - x[None], axis=-1) + np.eye(10) * 1e9
-    nearest = d.argmin(1)
-    ref = -np.mean(np.log(np.linalg.norm(x - x[nearest] + 1e-6, axis=-1) + 1e-8))
-    np.testing.assert_allclose(float(koleo_loss(jnp.asarray(x))), ref, rtol=1e-5)
+    x = _unit(rng.normal(size=(10, DIM))).astype(np.float64)
+    np.testing.assert_allclose(float(koleo_loss(jnp.asarray(x, jnp.float32))), _official_koleo(x), rtol=1e-5)
+    # the eps sits inside the norm: a duplicated row has distance ||1e-8 * ones|| = 1e-8 sqrt(d)
+    dup = np.concatenate([x[:1], x[:1], x[1:4]]).astype(np.float64)
+    expected = _official_koleo(dup)
+    assert np.isclose(-np.log(1e-8 * np.sqrt(DIM) + 1e-8), -np.log(np.linalg.norm(np.full(DIM, 1e-8)) + 1e-8))
+    np.testing.assert_allclose(float(koleo_loss(jnp.asarray(dup, jnp.float32))), expected, rtol=1e-4)
+
+
+def test_koleo_term_is_the_mean_over_the_global_crops():
+    """main_mermed.py: ko = (koleo(crop 0) + koleo(crop 1)) / 2, local crops left out."""
+    import ml_collections
+
+    from mermed_jax.ssl.objective import Embeddings, make_objective
+
+    student, teacher, memory, modality, partition = _case(np.full(SIZE, -1), [0] * BATCH)
+    config = ml_collections.ConfigDict({"loss": {"student_temp": 0.1, "koleo_weight": 0.5},
+                                        "crops": {"num_global": N_TEACHER}})
+    e = Embeddings(student=jnp.asarray(student), teacher=jnp.asarray(teacher), memory=memory,
+                   modality=jnp.asarray(modality), partition=partition, teacher_temp=jnp.float32(0.05))
+    metrics = make_objective(config)(e)
+    expected = np.mean([_official_koleo(student[i].astype(np.float64)) for i in range(N_TEACHER)])
+    np.testing.assert_allclose(float(metrics["koleo"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), float(metrics["memory_loss"]) + 0.5 * expected, rtol=1e-5)
+
+
+def test_head_normalises_with_the_official_eps():
+    """head.py: F.normalize(x, dim=-1, eps=1e-6), i.e. x / max(||x||, 1e-6)."""
+    import flax.linen as nn
+
+    from mermed_jax.models.head import HeadConfig, ProjectionHead
+
+    head = ProjectionHead(HeadConfig(hidden_dim=16, bottleneck_dim=DIM, num_layers=1, use_bn=False))
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    x[1] *= 1e4  # raw norms: rows 0 and 2 ~1e-9 (below the eps), row 1 ~1e-5 (above)
+    params = nn.unbox(head.init(jax.random.key(0), jnp.asarray(x)))
+    kernel = np.zeros((4, DIM), np.float32)
+    kernel[:, :4] = 1e-9 * np.eye(4)
+    params["params"]["mlp_0"]["kernel"] = jnp.asarray(kernel)
+    out = np.asarray(head.apply(params, jnp.asarray(x)))
+    raw = x @ kernel
+    expected = raw / np.maximum(np.linalg.norm(raw, axis=-1, keepdims=True), 1e-6)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    norms = np.linalg.norm(out, axis=-1)
+    assert norms[1] == pytest.approx(1.0, rel=1e-5) and norms[0] < 1e-2 and norms[2] < 1e-2
 
 
 @pytest.mark.parametrize("gated", [False, True])

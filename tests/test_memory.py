@@ -67,6 +67,29 @@ def test_partition_is_stratified_and_covers_every_column_once():
     assert not np.array_equal(partition, other)
 
 
+def test_stratified_partition_differs_from_the_official_uniform_one_only_in_co_membership():
+    """memory.py keeps the stratified scheme (a deliberate difference from the official uniform
+    permutation): every column is in every block equally often, as with a uniform partition; only
+    which columns share a block changes (same shard: (P/S - 1) / (K/S - 1), else P/K; uniform:
+    (P - 1) / (K - 1) for any pair). bench/partition_schemes.py measures the effect on the loss."""
+    size, shards, part, draws = 64, 4, 16, 4000
+    blocks, per_shard = size // part, size // shards
+    memory = memory_lib.init_memory(jax.random.key(0), size, 2, shards)
+    keys = jax.random.split(jax.random.key(11), draws)
+    partitions = np.asarray(jax.vmap(lambda k: memory_lib.stratified_partition(k, memory, part))(keys))
+    block_of = np.empty((draws, size), np.int64)
+    for b in range(blocks):
+        np.put_along_axis(block_of, partitions[:, b], b, axis=1)
+    tol = 4 * np.sqrt(0.25 * 0.75 / draws)
+    for b in range(blocks):  # P(column c in block b) = 1 / blocks for every c
+        np.testing.assert_allclose(np.mean(block_of == b, axis=0), 1 / blocks, atol=tol)
+    same = np.mean(block_of[:, 0] == block_of[:, 1])  # columns 0 and 1: shard 0 both
+    other = np.mean(block_of[:, 0] == block_of[:, per_shard])  # shard 0 and shard 1
+    assert abs(same - (part // shards - 1) / (per_shard - 1)) < tol
+    assert abs(other - part / size) < tol
+    assert abs(same - (part - 1) / (size - 1)) > tol  # the uniform value: distinguishable here
+
+
 @pytest.mark.parametrize(
     "size,shards,part,batch,key",
     [

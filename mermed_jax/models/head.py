@@ -1,7 +1,8 @@
 """Projection head and the student/teacher network that wraps backbone and head.
 
 The head follows the paper: a 3-layer MLP (hidden 2048, GELU, BatchNorm after each hidden layer)
-down to a 256-d bottleneck, L2-normalised so that dot products with the memory are cosines.
+down to a 256-d bottleneck, L2-normalised so that dot products with the memory are cosines
+(x / max(||x||, 1e-6): the official head.py's F.normalize eps, not torch's 1e-12 default).
 BatchNorm always runs in training mode, on all crops of the global batch at once (12 x B rows for
 the student, 2 x B for the teacher), as the official PyTorch code does. Under jit with sharded
 arrays a BatchNorm without an axis name already reduces over the global batch.
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from mermed_jax.models.vit import ViT, ViTConfig, exact_gelu
 
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
+NORMALIZE_EPS = 1e-6  # MerMED-FM head.py: nn.functional.normalize(x, dim=-1, eps=1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,7 @@ class ProjectionHead(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("bottleneck",)),
         )(x)
         norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-        return x / jnp.maximum(norm, 1e-12)
+        return x / jnp.maximum(norm, NORMALIZE_EPS)
 
 
 class MultiCropNetwork(nn.Module):

@@ -1,7 +1,7 @@
 """The MaSSL objective: named loss terms and their weights, composed in one place (dinov2's pattern).
 
     loss = 1 x memory cross-entropy (memory_loss.py; gated by modality once the memory is full)
-         + loss.koleo_weight x KoLeo on each global student crop (koleo.py)
+         + loss.koleo_weight x KoLeo, the mean over the global student crops (koleo.py)
 
 Each term is a function of the step's embeddings, returning its value and the metrics it logs;
 the value is logged under the term's name whatever its weight, so a term at weight 0 still shows
@@ -47,7 +47,8 @@ def _memory_term(e: Embeddings, *, student_temp: float, mesh: Mesh | None) -> tu
 
 
 def _koleo_term(e: Embeddings, *, num_global: int) -> tuple[jnp.ndarray, Metrics]:
-    return sum(koleo_loss(e.student[i]) for i in range(num_global)), {}
+    """KoLeo averaged over the global student crops, as the official main_mermed.py does."""
+    return sum(koleo_loss(e.student[i]) for i in range(num_global)) / num_global, {}
 
 
 def massl_terms(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dict[str, tuple[float, TermFn]]:

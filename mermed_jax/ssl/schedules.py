@@ -3,9 +3,10 @@
 DINO's `cosine_scheduler` warms up with `np.linspace(start, base, warmup_iters)` (so step 0 has
 value `start`, 0 for the learning rate) and then follows a half cosine from base to final over the
 remaining steps; optax's warmup_cosine_decay_schedule is one step off from that. The teacher
-temperature is an *epoch* schedule in DINO (linspace over the warmup epochs, then constant),
-expanded here to steps. The host indexes these arrays and hands the step's values to the jitted
-step, which keeps schedules out of the compiled program.
+temperature is a *step* schedule in MerMED-FM (main_mermed.py builds it with the same
+cosine_scheduler, base = final = teacher_temp, warmup_epochs x steps_per_epoch linear warmup
+steps), not DINO's per-epoch one. The host indexes these arrays and hands the step's values to the
+jitted step, which keeps schedules out of the compiled program.
 """
 
 import dataclasses
@@ -30,12 +31,20 @@ def cosine_schedule(
 def teacher_temperature_schedule(
     warmup_temp: float, temp: float, warmup_epochs: int, epochs: int, steps_per_epoch: int
 ) -> np.ndarray:
-    """DINO's per-epoch teacher temperature (linear warmup, then constant), one value per step."""
-    per_epoch = np.concatenate([
-        np.linspace(warmup_temp, temp, warmup_epochs),
-        np.full((max(epochs - warmup_epochs, 0),), temp),
-    ])[:epochs]
-    return np.repeat(per_epoch, steps_per_epoch)
+    """MerMED-FM's teacher temperature, one value per step: linear from warmup_temp to temp over
+    the first warmup_epochs x steps_per_epoch steps (np.linspace, so the last warmup step is
+    exactly temp), then constant.
+
+    This is cosine_schedule(temp, temp, ...) with warmup, as the official main_mermed.py builds
+    it, except that a warmup longer than the run is cut at the run's last step (the official
+    code fails an assertion there): a short run then ends part-way up the same ramp.
+    """
+    warmup_steps = warmup_epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
+    return np.concatenate([
+        np.linspace(warmup_temp, temp, warmup_steps),
+        np.full((max(total - warmup_steps, 0),), temp),
+    ])[:total]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,18 @@ step(state, batch, rng, hparams) -> (state, metrics):
   6. EMA of the teacher; 7. enqueue the teacher's second-global-crop embeddings.
 `hparams` carries this step's schedule values (ssl/schedules.py); `rng` is the run's base key, and
 the step folds its own step number into it, so a resumed run draws the same numbers.
+
+Non-finite steps (a deliberate difference from the official code). The official main_mermed.py
+calls sys.exit(1) at the first non-finite loss, after that step's EMA and memory update have
+already run (its GradScaler alone skips the optimiser step on inf/NaN gradients). Here a step
+whose loss or gradients are not all finite changes nothing but the counters: student, optimiser
+state, teacher EMA, BatchNorm statistics and memory keep their old values, `step` advances (the
+next step takes the next batch), `skipped_steps` and `nonfinite_streak` count it. The host
+(pretrain.py) stops the job with NonFiniteTrainingError once config.max_skipped_steps consecutive
+steps were skipped, its last checkpoint untouched. Why: a pod job should not die, and lose its
+queue slot and the steps since its last checkpoint, on one bad batch, while a diverged run still
+stops at the streak limit; and the memory never takes in a non-finite row, which would poison
+every later step's loss.
 """
 
 from collections.abc import Callable
