@@ -136,7 +136,7 @@ class Head(nn.Module):
                                  nn.Linear(hidden, bottleneck))
 
     def forward(self, x):
-        return F.normalize(self.mlp(x.float()), dim=-1, eps=1e-12)
+        return F.normalize(self.mlp(x.float()), dim=-1, eps=1e-6)  # the official head (mermed_jax.models.head.NORMALIZE_EPS)
 
 
 class MultiCrop(nn.Module):

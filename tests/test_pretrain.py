@@ -156,8 +156,8 @@ def test_non_finite_updates_are_skipped_then_stop_the_job(tmp_path, data_dirs, m
         node[leaf] = ast.literal_eval(value) if isinstance(value, str) else value
     real = schedules_lib.build_schedules
 
-    def poisoned(cfg):
-        s = real(cfg)
+    def poisoned(cfg, steps_per_epoch=None):
+        s = real(cfg, steps_per_epoch)
         temp = s.teacher_temp.copy()
         temp[2] = np.nan  # one transient bad step (the 3rd)
         temp[6:] = np.nan  # then persistently from the 7th step

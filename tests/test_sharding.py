@@ -144,7 +144,7 @@ def test_left_out_parameters_have_zero_gradient(tiny_config, use_bn):
     total = float(optax.tree.norm(grads))
     left_out = 0
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        name, g = jax.tree_util.keystr(path), np.asarray(g)
+        name, g = jax.tree_util.keystr(path), np.asarray(g, np.float64)  # sums of squares of ~1e-10 values
         kept = _with_gradient(name, g, use_bn)
         zero = np.sqrt(max(np.sum(g**2) - (0.0 if kept is None else np.sum(kept**2)), 0.0))
         if kept is None or kept.size < g.size:
