@@ -11,6 +11,7 @@ export LD_PRELOAD := $(shell bash -c 'source launch/preload_tcmalloc.sh; echo "$
 
 DEMO_DATA := demo_data
 DEMO_WORKDIR := workdirs/demo
+DEMO_EXPORT := $(DEMO_WORKDIR)/export/teacher.safetensors
 
 .PHONY: demo test test-long test-interop fuzz venv clean
 
@@ -32,12 +33,19 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(call make_venv,$(VENV),)
 
 # The main job end to end on built-in synthetic data: shards for all seven modalities,
-# a few minutes of pretraining of a tiny ViT on the CPU, then a linear probe per modality.
+# a few minutes of pretraining of a tiny ViT on the CPU, then a linear probe per modality, and
+# the teacher exported as timm-named safetensors (the lines printed load it in timm).
 demo: $(STAMP)
 	$(PY) -m data_pipelines.convert demo --out $(DEMO_DATA) --images-per-modality 512 --size 64
 	$(PY) -m mermed_jax.pretrain --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR)
 	$(PY) -m mermed_jax.evaluate --config=configs/eval_demo.py --workdir=$(DEMO_WORKDIR)
+	$(PY) -m mermed_jax.export --workdir=$(DEMO_WORKDIR) --format=safetensors --out=$(DEMO_EXPORT)
 	@echo "TensorBoard logs: $(DEMO_WORKDIR)  (tensorboard --logdir $(DEMO_WORKDIR))"
+	@echo "The teacher in timm (its inputs: pixels / 255 normalised by the JSON's per-modality \"normalization\"):"
+	@echo '  import json, safetensors.torch, timm'
+	@echo '  spec = json.load(open("$(DEMO_EXPORT:.safetensors=.json)"))["timm"]'
+	@echo '  model = timm.create_model(spec["model_name"], num_classes=0) if spec["model_name"] else timm.models.VisionTransformer(**spec["kwargs"])'
+	@echo '  model.load_state_dict(safetensors.torch.load_file("$(DEMO_EXPORT)"))'
 
 # Every test but the interop ones (they need PyTorch + timm, an 8 GB install) and the long
 # rehearsals (`long` marker): within 15 minutes on 2 cores.

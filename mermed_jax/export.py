@@ -1,26 +1,39 @@
 r"""Export a teacher's weights: msgpack, safetensors in timm's names, or .pth, with a config JSON.
 
+  python -m mermed_jax.export --workdir=workdirs/demo --format=safetensors --out=teacher.safetensors
+  python -m mermed_jax.export --workdir=runs/b16 --step=40000 --format=msgpack --out=b16.msgpack --with_head
   python -m mermed_jax.export --checkpoint=teacher.msgpack --format=safetensors --out=mermed_b16.safetensors
   python -m mermed_jax.export --checkpoint=dino.pth --config=configs/mermed_vitb16.py --format=msgpack --out=dino.msgpack
+
+--workdir: a pretraining workdir; its checkpoint at --step (a number, or `latest`, the default) is
+read for the teacher alone (checkpointing.load_teacher: a partial restore that leaves the student,
+the optimiser and the memory on disk, so exporting a ViT-B/16 run needs about the teacher's memory,
+not the whole state's), checked against the digest saved with it. The architecture is the run's
+(config.json) and the JSON records the run's per-modality pixel statistics (run.json, or for a run
+from before run records the statistics of its data.dirs), so the export normalises its inputs as
+the training did without the training data.
 
 --checkpoint: a msgpack params tree (our export, a bare backbone, or a serialised TrainState, whose
 teacher is taken) or a PyTorch .safetensors/.pth (timm, DINO, MerMED release). The architecture
 comes from --config (an ml_collections config file, `--config.model.key=value` overrides work) or,
-without it, from the config JSON beside the checkpoint. --with_head also exports the projection
-head. Everything passes through the importer, so a file that does not fit the config is refused
-before anything is written.
-"""
+without it, from the config JSON beside the checkpoint. Everything passes through the importer, so
+a file that does not fit the config is refused before anything is written.
 
+Exactly one of --workdir and --checkpoint. --with_head also exports the projection head (and its
+BatchNorm statistics).
+"""
 import json
 import os
 import pathlib
 
+import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines.modalities import MODALITIES
+from mermed_jax.eval import encoders
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
 from mermed_jax.interop.trees import unflatten
@@ -33,6 +46,7 @@ from mermed_jax.interop.weight_export import (
 from mermed_jax.models.head import HeadConfig
 from mermed_jax.models.networks import backbone_config
 from mermed_jax.models.vit import ViTConfig
+from mermed_jax.training import checkpointing
 
 
 def _configs_from_json(checkpoint: pathlib.Path) -> tuple[ViTConfig, HeadConfig | None, dict | None]:
@@ -72,20 +86,61 @@ def export_checkpoint(
     )
 
 
+def export_workdir(
+    workdir: str | os.PathLike, out: str | os.PathLike, fmt: str, step: int | None = None, with_head: bool = False,
+) -> tuple[pathlib.Path, int]:
+    """Export the teacher of a pretraining checkpoint (step None: the latest), read alone, with the
+    run's architecture and pixel statistics; returns the JSON path and the step exported."""
+    if pathlib.Path(out).suffix != FORMATS[fmt]:  # export_params checks it too, but after the read
+        raise ValueError(f"{out}: a {fmt} export must end in {FORMATS[fmt]}")
+    teacher, config, step = checkpointing.load_teacher(workdir, step, with_head)
+    pixel_mean, pixel_std = encoders.pixel_statistics(workdir, config, "pretrain")
+    teacher = jax.device_get(teacher)
+    json_path = export_params(
+        teacher["teacher_params"]["backbone"], teacher["teacher_params"]["head"] if with_head else None,
+        encoders.eval_vit_config(config), out, fmt,
+        head_batch_stats=teacher["teacher_batch_stats"].get("head") if with_head else None,
+        pixel_mean=pixel_mean, pixel_std=pixel_std,
+    )
+    return json_path, step
+
+
+def parse_step(text: str) -> int | None:
+    """--step: a checkpoint step, or 'latest' (None)."""
+    if text == "latest":
+        return None
+    if not text.isdigit():
+        raise app.UsageError(f"--step={text}: expected a checkpoint step (a number) or 'latest'")
+    return int(text)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    json_path = export_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.out, flags.FLAGS.format, flags.FLAGS.config, flags.FLAGS.with_head)
-    print(f"wrote {flags.FLAGS.out} and {json_path}")
+    f = flags.FLAGS
+    if (f.workdir is None) == (f.checkpoint is None):
+        raise app.UsageError("give exactly one of --workdir (a pretraining run) and --checkpoint (a weights file)")
+    if f.workdir is not None:
+        if f.config is not None:
+            raise app.UsageError("--config is for --checkpoint; a --workdir export takes the run's own config.json")
+        json_path, step = export_workdir(f.workdir, f.out, f.format, parse_step(f.step), f.with_head)
+        print(f"wrote {f.out} and {json_path}: the teacher of {f.workdir} at step {step}")
+        return
+    if f.step != "latest":
+        raise app.UsageError("--step is for --workdir; --checkpoint is one file")
+    json_path = export_checkpoint(f.checkpoint, f.out, f.format, f.config, f.with_head)
+    print(f"wrote {f.out} and {json_path}")
 
 
 def run() -> None:
     """The command line: flags are defined here, not at import, so the CLIs can be imported together (tests)."""
-    flags.DEFINE_string("checkpoint", None, "Weights to export (.msgpack, .safetensors, .pth).", required=True)
+    flags.DEFINE_string("workdir", None, "Pretraining workdir whose checkpoint's teacher is exported.")
+    flags.DEFINE_string("step", "latest", "With --workdir: the checkpoint step, or 'latest'.")
+    flags.DEFINE_string("checkpoint", None, "Weights file to export (.msgpack, .safetensors, .pth).")
     flags.DEFINE_enum("format", "safetensors", sorted(FORMATS), "Output format.")
     flags.DEFINE_string("out", None, "Output weights file; its config JSON is written beside it.", required=True)
     flags.DEFINE_bool("with_head", False, "Also export the projection head (DINO names in safetensors/pth).")
-    config_flags.DEFINE_config_file("config", None, "Pretraining config that defines the architecture.")
+    config_flags.DEFINE_config_file("config", None, "With --checkpoint: the pretraining config that defines the architecture.")
     app.run(main)
 
 

@@ -5,6 +5,9 @@ Needs torch and timm (`make test-interop` builds .venv-interop with them); skipp
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +17,20 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from hostile import RunsCode  # noqa: E402
+from repo import ROOT  # noqa: E402
 from safetensors import torch as st_torch  # noqa: E402
+from test_export_workdir import write_tiny_run  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
+from data_pipelines import normalization  # noqa: E402
+from data_pipelines.modalities import MODALITIES  # noqa: E402
+from mermed_jax.eval.encoders import eval_vit_config  # noqa: E402
 from mermed_jax.interop.files import CheckpointError  # noqa: E402
 from mermed_jax.interop.importer import load_weights  # noqa: E402
 from mermed_jax.interop.trees import backbone_shapes, unflatten  # noqa: E402
 from mermed_jax.interop.weight_export import export_params  # noqa: E402
 from mermed_jax.models.vit import ViT, ViTConfig  # noqa: E402
+from mermed_jax.training import checkpointing  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -80,6 +89,30 @@ def test_export_with_registers_and_layerscale_builds_from_the_json_kwargs(tmp_pa
     model.load_state_dict(st_torch.load_file(str(out)), strict=True)
     image = np.random.default_rng(3).standard_normal((2, 32, 32, 3)).astype(np.float32)
     _assert_close(_ours(SMALL, params, image), _timm(model, image))
+
+
+def test_workdir_export_cli_loads_into_timm_with_equal_embeddings(tmp_path, tiny_config):
+    """`python -m mermed_jax.export --workdir=` on a run with registers and LayerScale, loaded as
+    `make demo` prints: the model from the JSON's timm spec, the weights strictly from the file."""
+    config = tiny_config("model.num_registers=2,model.layerscale_init=0.1,pixel_stats.source='official'")
+    workdir = tmp_path / "run"
+    write_tiny_run(workdir, (str(tmp_path / "data_not_needed"),), config)
+    out = tmp_path / "export" / "teacher.safetensors"
+    cmd = [sys.executable, "-m", "mermed_jax.export", f"--workdir={workdir}", "--format=safetensors", f"--out={out}"]
+    done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    meta = json.loads(out.with_suffix(".json").read_text())
+    spec = meta["timm"]
+    model = timm.create_model(spec["model_name"], num_classes=0) if spec["model_name"] else VisionTransformer(**spec["kwargs"])
+    model.load_state_dict(st_torch.load_file(str(out)), strict=True)
+    mean, std = normalization.table("official")
+    np.testing.assert_allclose([meta["normalization"][m]["mean"] for m in MODALITIES], mean, rtol=1e-6)
+    np.testing.assert_allclose([meta["normalization"][m]["std"] for m in MODALITIES], std, rtol=1e-6)
+    state, saved_config, _ = checkpointing.load_train_state(workdir)
+    vit = eval_vit_config(saved_config)
+    image = np.random.default_rng(5).standard_normal((2, vit.img_size, vit.img_size, 3)).astype(np.float32)
+    _assert_close(_ours(vit, jax.device_get(state.teacher_params["backbone"]), image), _timm(model, image))
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])

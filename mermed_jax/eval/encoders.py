@@ -82,10 +82,11 @@ def eval_vit_config(pretrain_config: ml_collections.ConfigDict) -> ViTConfig:
 
 
 def from_checkpoint(workdir: str | pathlib.Path, step: int | None, normalization: str = "pretrain") -> Encoder:
-    """The teacher backbone of a checkpoint (step None: the latest complete one)."""
-    state, config, step = checkpointing.load_train_state(workdir, step)
+    """The teacher backbone of a checkpoint (step None: the latest complete one), read alone: the
+    optimiser, student and memory stay on disk."""
+    teacher, config, step = checkpointing.load_teacher(workdir, step)
     mean, std = pixel_statistics(workdir, config, normalization)
-    params = jax.device_get(state.teacher_params["backbone"])
+    params = jax.device_get(teacher["teacher_params"]["backbone"])
     return Encoder(f"step_{step:06d}", "checkpoint", eval_vit_config(config), params, mean, std)
 
 

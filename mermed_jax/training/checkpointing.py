@@ -12,12 +12,15 @@ Failures are the project's own errors: a save that cannot be written (full disk,
 CheckpointSaveError naming the directory, the cause and the last complete checkpoint; a checkpoint
 that cannot be read back, or whose arrays no longer match the digest recorded when it was saved
 (OCDBT data files carry no checksum: a flipped bit restored silently), is a CheckpointCorruptError.
+
+Evaluation and export read the teacher alone (load_teacher), checked against the same digest.
 """
 
 import dataclasses
 import functools
 import json
 import logging
+import operator
 import pathlib
 from typing import Any
 
@@ -110,21 +113,61 @@ def _digest_fn(out_sharding: jax.sharding.Sharding | None):
     return jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves], out_shardings=out_sharding)
 
 
+# XLA:CPU materialises every leaf's words and weighted words for its reductions, all before the first
+# reduction: digesting a ViT-B/16 teacher (343 MB) in one program took 730 MB more at its peak. Runs
+# of leaves of at most this many elements (or one larger leaf) bound that to twice the run: 64 MiB.
+_DIGEST_RUN_ELEMENTS = 1 << 23
+
+
+def _runs(leaves: tuple[Any, ...]) -> list[list[Any]]:
+    """Consecutive leaves in runs of at most _DIGEST_RUN_ELEMENTS elements, the same on every process."""
+    runs, size = [[]], 0
+    for x in leaves:
+        if runs[-1] and size + x.size > _DIGEST_RUN_ELEMENTS:
+            runs.append([])
+            size = 0
+        runs[-1].append(x)
+        size += x.size
+    return runs
+
+
 def state_digest(state: Any) -> dict[str, list[int]]:
     """Per-leaf digest of a (possibly sharded) state, computed on device; the same on every mesh."""
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
     # Replicated outputs, so that every process can read them when the state spans several hosts.
     mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
     out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
-    digests = _digest_fn(out)(list(leaves))
+    digests = [d for run in _runs(leaves) for d in _digest_fn(out)(run)]
     return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(d)] for path, d in zip(paths, digests)}
 
 
-def _verify(state: Any, meta: dict, where: str) -> None:
+def _field_path(path: tuple[str, ...]) -> str:
+    """How a TrainState digest names the subtree at `path` (a field, then dict keys): ".teacher_params['backbone']"."""
+    return jax.tree_util.keystr((jax.tree_util.GetAttrKey(path[0]), *map(jax.tree_util.DictKey, path[1:])))
+
+
+def _subset_digest(tree: dict, paths: tuple[tuple[str, ...], ...]) -> dict[str, list[int]]:
+    """state_digest of the subtrees of a partially restored state, keyed as the whole state's digest keys them."""
+    found = {}
+    for path in paths:
+        subtree = functools.reduce(operator.getitem, path, tree)
+        if jax.tree.leaves(subtree):  # a head without BatchNorm has empty batch statistics
+            found.update({_field_path(path) + key: digest for key, digest in state_digest(subtree).items()})
+    return found
+
+
+def _verify(state: Any, meta: dict, where: str, paths: tuple[tuple[str, ...], ...] | None = None) -> None:
+    """Checks the restored arrays against the digest saved with them: all of the state, or, for a
+    partial restore, the subtrees at `paths` (every saved leaf under them, and nothing else)."""
     saved = meta.get(DIGEST_KEY)
     if saved is None:  # written before digests were recorded
         return
-    found = state_digest(state)
+    if paths is None:
+        found = state_digest(state)
+    else:
+        found = _subset_digest(state, paths)
+        prefixes = tuple(_field_path(path) for path in paths)
+        saved = {key: digest for key, digest in saved.items() if key.startswith(prefixes)}
     changed = sorted(k for k in saved if found.get(k) != saved[k])
     if changed or set(found) != set(saved):
         raise CheckpointCorruptError(
@@ -223,25 +266,46 @@ def load_config(workdir: str | pathlib.Path) -> Any:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, Any, int]:
-    """(state, config, step) of a pretraining checkpoint, restored onto this process's devices
-    (replicated), for evaluation and export. step=None takes the latest complete checkpoint."""
-    config = load_config(workdir)
+# What a teacher-only restore reads: the teacher's backbone; with the head, also the head and its
+# BatchNorm statistics. Paths into the TrainState: a field, then dict keys.
+TEACHER_BACKBONE = (("teacher_params", "backbone"),)
+TEACHER_WITH_HEAD = (("teacher_params",), ("teacher_batch_stats",))
+
+
+def _open_step(workdir: str | pathlib.Path, step: int | None, state_handler: Any) -> tuple[ocp.CheckpointManager, int, bool]:
+    """A read-only manager of a workdir's checkpoints, the step to read (None: the latest complete
+    one) and whether that step has the job's meta item."""
+    directory = pathlib.Path(workdir).absolute() / "checkpoints"
     manager = ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / "checkpoints",
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        directory,
+        item_handlers={"state": state_handler, "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
     )
     step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint at step {step} (have {manager.all_steps()})")
-    abstract = nn.unbox(jax.eval_shape(lambda: train_state.init_train_state(config, jax.random.key(0))))
-    repl = sharding.replicated(sharding.make_mesh((-1, 1, 1), jax.local_devices()[:1]))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+    steps = manager.all_steps()
+    if step is None or step not in steps:
+        manager.close()
+        wanted = "no complete checkpoint" if step is None else f"no checkpoint at step {step}"
+        raise FileNotFoundError(f"{directory}: {wanted} (have steps {list(steps)})")
     # A checkpoint written without the job's meta item (by hand, or a state-only export) has no
     # digest to check; the state itself still restores.
-    has_meta = (pathlib.Path(manager.directory) / str(step) / "meta").is_dir()
-    items = {"state": ocp.args.StandardRestore(target)}
+    return manager, step, (directory / str(step) / "meta").is_dir()
+
+
+def _restore_target(config: Any) -> Any:
+    """The TrainState's shapes (nothing allocated), replicated on this process's first device."""
+    abstract = nn.unbox(jax.eval_shape(lambda: train_state.init_train_state(config, jax.random.key(0))))
+    repl = sharding.replicated(sharding.make_mesh((-1, 1, 1), jax.local_devices()[:1]))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+
+
+def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, Any, int]:
+    """(state, config, step) of a pretraining checkpoint, all of it (optimiser and memory too),
+    restored onto this process's devices (replicated). step=None takes the latest complete
+    checkpoint. Evaluation and export need only the teacher: load_teacher reads a fraction of it."""
+    config = load_config(workdir)
+    manager, step, has_meta = _open_step(workdir, step, ocp.StandardCheckpointHandler())
+    items = {"state": ocp.args.StandardRestore(_restore_target(config))}
     if has_meta:
         items["meta"] = ocp.args.JsonRestore()
     restored = _restore_or_explain(manager, step, ocp.args.Composite(**items))
@@ -249,3 +313,33 @@ def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tu
     state = restored["state"]
     _verify(state, restored["meta"] if has_meta else {}, f"{workdir}/checkpoints/{step}")
     return state, config, step
+
+
+def load_teacher(workdir: str | pathlib.Path, step: int | None = None, with_head: bool = False) -> tuple[dict, Any, int]:
+    """(teacher, config, step): the teacher of a pretraining checkpoint and nothing else, for
+    evaluation and export. teacher is {"teacher_params": {"backbone"}} (with_head: {"teacher_params":
+    {"backbone", "head"}, "teacher_batch_stats": {...}}), indexed as the TrainState's fields are.
+
+    A partial Orbax restore reads only those arrays, so the student, the optimiser's moments (twice
+    the student for Adam) and the memory queue are never read nor allocated: a ViT-B/16 teacher
+    loads in a fraction of the full state's memory (bench/export_read.py). The digest saved with the
+    checkpoint is checked for the leaves restored. step=None takes the latest complete checkpoint.
+    """
+    config = load_config(workdir)
+    paths = TEACHER_WITH_HEAD if with_head else TEACHER_BACKBONE
+    full = _restore_target(config)
+    target: dict = {}  # the subtrees at `paths`, in nested dicts
+    for path in paths:
+        parent = functools.reduce(lambda node, key: node.setdefault(key, {}), path[:-1], target)
+        parent[path[-1]] = functools.reduce(operator.getitem, path[1:], getattr(full, path[0]))
+    # StandardRestore refuses a partial item; PyTreeRestore reads the same files with partial_restore.
+    manager, step, has_meta = _open_step(workdir, step, ocp.PyTreeCheckpointHandler())
+    items = {"state": ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}
+    if has_meta:
+        items["meta"] = ocp.args.JsonRestore()
+    restored = _restore_or_explain(manager, step, ocp.args.Composite(**items))
+    manager.close()
+    teacher = restored["state"]
+    _verify(teacher, restored["meta"] if has_meta else {}, f"{workdir}/checkpoints/{step}", paths)
+    return teacher, config, step
