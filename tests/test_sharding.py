@@ -12,7 +12,12 @@ not a sharding error. They are:
     mlp_1) and the backbone's final LayerNorm bias (it only feeds mlp_0): the BatchNorm
     subtracts the batch mean, removing any constant shift.
 So the full equivalence (loss, student, teacher, memory; after 1 and 5 steps; four meshes) runs
-with head.use_bn=False, at 1e-5. A BatchNorm-on run on the (2, 2, 2) mesh must agree with 1 device
+with head.use_bn=False, at 1e-5 after 1 step and 2e-5 after 5: Adam also amplifies the rounding of
+an entry whose later gradient nearly cancels its first moment (m / sqrt(v) of a small
+difference). Measured on the (8, 1, 1) mesh with the per-step teacher-temperature warm-up: one
+element of the 64-entry fc2 bias differs by 1.2e-8 at step 2 (its update is ~4e-5): that bias's
+relative difference is 2.2e-5 after step 2, falling to 9.5e-6 (student) and 1.26e-5 (EMA teacher)
+after step 5, when every other leaf is below 5e-6; a sharding error would show as O(1) differences. A BatchNorm-on run on the (2, 2, 2) mesh must agree with 1 device
 on the loss at 1e-5 and on all other parameters at 1e-4, not 1e-5: the BatchNorm backward pass
 subtracts the batch mean of the incoming gradient, so some gradient entries are small
 differences with a larger relative rounding error, and Adam's first updates of zero-initialised
@@ -46,6 +51,7 @@ ARGS = ("model.depth=1,crops.num_local=2,batch=16,memory=48,partition=16,shards=
 STEPS = 5
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2)]
 RTOL = 1e-5
+RTOL_AFTER_STEPS = 2e-5  # after several steps: see the module docstring
 BN_RTOL = 1e-4
 
 
@@ -117,7 +123,8 @@ def test_mesh_equals_one_device(reference, mesh_shape):
     for i in (0, STEPS - 1):  # after 1 and after 5 steps
         (ref_state, ref_loss, _), (state, loss, _) = ref[i], got[i]
         assert loss == pytest.approx(ref_loss, rel=RTOL)
-        _assert_states_close(ref_state, state, use_bn=False, where=(mesh_shape, i + 1))
+        _assert_states_close(ref_state, state, use_bn=False, where=(mesh_shape, i + 1),
+                             rtol=RTOL if i == 0 else RTOL_AFTER_STEPS)
 
 
 @pytest.mark.slow
