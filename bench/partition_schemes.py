@@ -54,7 +54,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax import sharding
 from mermed_jax.ssl import memory as memory_lib
-from mermed_jax.ssl.memory_loss import _block_sums, _masked_log_softmax, memory_cross_entropy
+from mermed_jax.ssl.memory_loss import (
+    _block_sums,
+    _masked_log_softmax,
+    memory_cross_entropy,
+)
 from mermed_jax.training import hlo_stats
 
 AXES = sharding.BATCH_AXES

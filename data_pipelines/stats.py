@@ -14,8 +14,19 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines import normalization
-from data_pipelines.manifest import load_manifest, pooled_stats
+from data_pipelines.manifest import Split, load_manifest, pooled_stats
 from data_pipelines.modalities import modality_id
+
+
+def _splits(dirs: Sequence[str | os.PathLike], split: str) -> list[tuple[str, str, Split]]:
+    """(directory, modality, its `split`) of each dataset directory, naming a directory that lacks the split."""
+    out = []
+    for directory in dirs:
+        manifest = load_manifest(directory)
+        if split not in manifest.splits:
+            raise KeyError(f"{directory}: no split {split!r}; has {sorted(manifest.splits)}")
+        out.append((str(directory), manifest.modality, manifest.splits[split]))
+    return out
 
 
 def measured_stats(
@@ -26,14 +37,9 @@ def measured_stats(
     `fallback` table's rows for modalities without data."""
     mean, std = normalization.table(fallback)
     per_modality = collections.defaultdict(list)
-    for directory in dirs:
-        manifest = load_manifest(directory)
-        if split not in manifest.splits:
-            raise KeyError(f"{directory}: no split {split!r}; has {sorted(manifest.splits)}")
-        s = manifest.splits[split]
-        s = dataclasses.replace(s, mean=normalization.rgb(s.mean, str(directory)),
-                                std=normalization.rgb(s.std, str(directory)))
-        per_modality[modality_id(manifest.modality)].append(s)
+    for directory, modality, s in _splits(dirs, split):
+        s = dataclasses.replace(s, mean=normalization.rgb(s.mean, directory), std=normalization.rgb(s.std, directory))
+        per_modality[modality_id(modality)].append(s)
     for m, splits in per_modality.items():
         m_mean, m_std = pooled_stats(splits)
         if m_mean:
@@ -43,10 +49,4 @@ def measured_stats(
 
 def split_size(dirs: Sequence[str | os.PathLike], split: str = "train") -> int:
     """Records in `split` over all `dirs` (the training set's size when num_train_images is unset)."""
-    total = 0
-    for directory in dirs:
-        manifest = load_manifest(directory)
-        if split not in manifest.splits:
-            raise KeyError(f"{directory}: no split {split!r}; has {sorted(manifest.splits)}")
-        total += manifest.splits[split].num_records
-    return total
+    return sum(s.num_records for _, _, s in _splits(dirs, split))

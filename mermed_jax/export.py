@@ -40,6 +40,7 @@ from mermed_jax.interop.trees import unflatten
 from mermed_jax.interop.weight_export import (
     ARCH_FIELDS,
     FORMATS,
+    check_output,
     config_path,
     export_params,
 )
@@ -91,8 +92,7 @@ def export_workdir(
 ) -> tuple[pathlib.Path, int]:
     """Export the teacher of a pretraining checkpoint (step None: the latest), read alone, with the
     run's architecture and pixel statistics; returns the JSON path and the step exported."""
-    if pathlib.Path(out).suffix != FORMATS[fmt]:  # export_params checks it too, but after the read
-        raise ValueError(f"{out}: a {fmt} export must end in {FORMATS[fmt]}")
+    check_output(out, fmt)  # before the checkpoint is read
     teacher, config, step = checkpointing.load_teacher(workdir, step, with_head)
     pixel_mean, pixel_std = encoders.pixel_statistics(workdir, config, "pretrain")
     teacher = jax.device_get(teacher)

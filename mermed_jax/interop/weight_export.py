@@ -113,6 +113,16 @@ def _normalization(pixel_mean: np.ndarray | None, pixel_std: np.ndarray | None) 
     return {m: {"mean": mean[i].tolist(), "std": std[i].tolist()} for i, m in enumerate(MODALITIES)}
 
 
+def check_output(out_path: str | os.PathLike, fmt: str) -> pathlib.Path:
+    """The export's path, refused before any work when `fmt` is unknown or the suffix is not its."""
+    out_path = pathlib.Path(out_path)
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: expected one of {sorted(FORMATS)}")
+    if out_path.suffix != FORMATS[fmt]:
+        raise ValueError(f"{out_path}: a {fmt} export must end in {FORMATS[fmt]}")
+    return out_path
+
+
 def export_params(
     backbone_params: Tree,
     head_params: Tree | None,
@@ -129,11 +139,7 @@ def export_params(
     pixel_mean/pixel_std: [NUM_MODALITIES, 3] (or [3]) statistics of [0, 1] pixels, as the train
     step uses them; ImageNet's when omitted.
     """
-    out_path = pathlib.Path(out_path)
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}: expected one of {sorted(FORMATS)}")
-    if out_path.suffix != FORMATS[fmt]:
-        raise ValueError(f"{out_path}: a {fmt} export must end in {FORMATS[fmt]}")
+    out_path = check_output(out_path, fmt)
     backbone = to_numpy(backbone_params)
     unrolled = unroll_blocks(backbone)
     _check_backbone(unrolled, model_config)

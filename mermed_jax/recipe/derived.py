@@ -34,9 +34,9 @@ def steps_per_epoch(config: ml_collections.ConfigDict, images: int | None = None
     We keep ceil(N / global_batch) on purpose: (1) the official count depends on the number of
     GPUs (each modality is floored per rank), ours only on the recipe, so one recipe gives the
     same schedules on every mesh (as the memory layout does, ssl/memory.py), and it needs one
-    number (num_train_images), not per-modality counts; (2) the two differ by little: with G = world_size x batch_size_per_gpu and M
-    modalities, official is in (N/G - M/batch_size_per_gpu - 1, N/G] and ours in [N/G, N/G + 1),
-    so ours is more by 0 to 2 steps when batch_size_per_gpu >= M (fewer than 2 + M /
+    number (num_train_images), not per-modality counts; (2) the two differ by little: with
+    G = world_size x batch_size_per_gpu and M modalities, official is in
+    (N/G - M/batch_size_per_gpu - 1, N/G] and ours in [N/G, N/G + 1), so ours is more by 0 to 2 steps when batch_size_per_gpu >= M (fewer than 2 + M /
     batch_size_per_gpu in general; the paper's N = 3.3M at G = 1024: 3223 here, 3222 there on 8,
     4 or 64 GPUs); (3) ceil never gives 0 steps when N < global_batch (the official sampler then
     yields no batch at all).

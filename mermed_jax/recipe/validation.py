@@ -19,20 +19,23 @@ from mermed_jax import sharding
 from mermed_jax.recipe import schema
 from mermed_jax.ssl.memory import check_memory_config
 
-# Keys whose value is a mapping of the user's own keys, not a section.
-MAPPING_KEYS = ("data.mixture", "pixel_stats.given")
-
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the key."""
 
 
-def _given_leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+def _takes_mapping(annotation: Any) -> bool:
+    """Whether a key's annotation admits a mapping (its value is then the user's, not a section)."""
+    return any(typing.get_origin(a) in (Mapping, dict) or a in (Mapping, dict)
+               for a in (typing.get_args(annotation) or (annotation,)))
+
+
+def _given_leaves(tree: Mapping, mapping_keys: set[str], prefix: str = "") -> dict[str, Any]:
     out = {}
     for name, value in tree.items():
         path = f"{prefix}{name}"
-        if isinstance(value, Mapping) and path not in MAPPING_KEYS:
-            out.update(_given_leaves(value, path + "."))
+        if isinstance(value, Mapping) and path not in mapping_keys:
+            out.update(_given_leaves(value, mapping_keys, path + "."))
         else:
             out[path] = value
     return out
@@ -92,7 +95,7 @@ def _check_leaf(leaf: schema.Leaf, value: Any) -> None:
     for x in _numbers(value):
         if isinstance(x, float) and not math.isfinite(x):
             raise ConfigError(f"{leaf.path}: must be finite, got {value!r}")
-        if isinstance(x, int) and not isinstance(x, float) and not b.get("any_int") and "ge" not in b and "gt" not in b:
+        if isinstance(x, int) and not b.get("any_int") and "ge" not in b and "gt" not in b:
             _require(x > 0, leaf.path, f"must be positive, got {value!r}")
         for name, ok, text in (("gt", lambda lim: x > lim, ">"), ("ge", lambda lim: x >= lim, ">="),
                                ("lt", lambda lim: x < lim, "<"), ("le", lambda lim: x <= lim, "<=")):
@@ -113,7 +116,7 @@ def check_keys_and_values(config: ml_collections.ConfigDict) -> None:
     building the model, after the job had started.
     """
     known = schema.leaves()
-    given = _given_leaves(config.to_dict())
+    given = _given_leaves(config.to_dict(), {path for path, leaf in known.items() if _takes_mapping(leaf.annotation)})
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown config key (unknown keys: {', '.join(unknown)})")

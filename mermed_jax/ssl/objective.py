@@ -68,14 +68,10 @@ def make_objective(config: ml_collections.ConfigDict, mesh: Mesh | None = None) 
 
     def objective(embeddings: Embeddings) -> Metrics:
         metrics: Metrics = {}
-        total = None
-        for name, (weight, term) in terms.items():
-            value, extra = term(embeddings)
+        for name, (_, term) in terms.items():
+            metrics[name], extra = term(embeddings)
             metrics.update(extra)
-            metrics[name] = value
-            weighted = value if weight == 1.0 else weight * value
-            total = weighted if total is None else total + weighted
-        metrics["loss"] = total
+        metrics["loss"] = sum(weight * metrics[name] for name, (weight, _) in terms.items())
         return metrics
 
     return objective

@@ -41,10 +41,9 @@ def teacher_temperature_schedule(
     """
     warmup_steps = warmup_epochs * steps_per_epoch
     total = epochs * steps_per_epoch
-    return np.concatenate([
-        np.linspace(warmup_temp, temp, warmup_steps),
-        np.full((max(total - warmup_steps, 0),), temp),
-    ])[:total]
+    if warmup_steps > total:
+        return np.linspace(warmup_temp, temp, warmup_steps)[:total]
+    return cosine_schedule(temp, temp, total, warmup_steps, warmup_start=warmup_temp)
 
 
 @dataclasses.dataclass(frozen=True)
