@@ -5,10 +5,18 @@ time. Tests that want one device build a mesh of `jax.devices()[:1]`.
 """
 import os
 import pathlib
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from object_stores import ObjectStores  # noqa: E402
+
+# Bucket endpoints for this session, exported before any storage library reads its environment;
+# the servers start when a test first asks for a bucket (see object_stores.py).
+_STORES = ObjectStores(pathlib.Path(tempfile.mkdtemp(prefix="mermed-object-stores-")))
+os.environ.update(_STORES.client_env())
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -53,3 +61,24 @@ def tiny_config() -> Callable[..., ml_collections.ConfigDict]:
     with those `key=value` arguments applied (dotted keys and the aliases get_config accepts);
     tiny_config() is the demo config unchanged. Each call builds a new one, free to mutate."""
     return tiny_config_dict
+
+
+@pytest.fixture(scope="session")
+def object_stores() -> Iterator[ObjectStores]:
+    """The local GCS emulator (behind the fault proxy) and S3 server, started once per session."""
+    _STORES.start()
+    yield _STORES
+    _STORES.stop()
+
+
+@pytest.fixture
+def gcs_bucket(object_stores: ObjectStores) -> Iterator[str]:
+    """A fresh gs:// bucket; the fault proxy is idle before and after the test."""
+    object_stores.proxy.clear()
+    yield object_stores.new_bucket("gs")
+    object_stores.proxy.clear()
+
+
+@pytest.fixture
+def s3_bucket(object_stores: ObjectStores) -> str:
+    return object_stores.new_bucket("s3")

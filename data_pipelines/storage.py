@@ -1,0 +1,216 @@
+"""Every location the project reads or writes, local or in a bucket, through one layer.
+
+A location is a local path (including a gcsfuse mount such as /gcs/bucket/...) or a URL: gs://
+(gcsfs) or s3:// (s3fs). `path()` returns an etils.epath.Path, the type Orbax and Grain's
+checkpoint handler use as well, so checkpoints, manifests, metrics, evaluation outputs and
+exports share one implementation and one configuration. epath would route bucket URLs through
+tf.io.gfile when tensorflow is importable (clu needs it); gfile's GCS client cannot be pointed
+at another endpoint and it has no s3 at all, so this module turns that off for the process before
+epath decides (EPATH_USE_TF=false) and epath uses fsspec.
+
+Credentials come from each library's usual chain: Application Default Credentials or the
+metadata server for gs:// (gcsfs), AWS environment variables, profiles or the instance role for
+s3:// (s3fs/botocore). Nothing here logs or stores them. Endpoints for emulators come from the
+libraries' own variables: STORAGE_EMULATOR_HOST (gcsfs), TENSORSTORE_GCS_HTTP_URL (Orbax's
+TensorStore), AWS_ENDPOINT_URL (s3fs).
+
+Object stores have no rename and no append: `write_bytes` puts a whole object (an upload becomes
+visible only when complete) and, locally, writes a temporary file and renames it, so a reader never
+sees half an object anywhere. Transient failures (HTTP 408/429/5xx, resets, timeouts) are retried
+with backoff a bounded number of times; the error that gives up names the object.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+os.environ["EPATH_USE_TF"] = "false"  # before epath's first bucket path (it caches the choice)
+
+from etils import epath  # noqa: E402
+
+REMOTE_SCHEMES = ("gs://", "s3://")
+# Attempts of this layer. The client libraries retry inside each: gcsfs 6 times with backoff
+# (about 31 s), botocore 4 to 5 times; so a storm of transient errors is ridden out for about
+# 1.5 minutes per object before a StorageError names it.
+RETRY_ATTEMPTS = 3
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_T = TypeVar("_T")
+
+
+class StorageError(OSError):
+    """A location that cannot be read or written; the message names it and says why."""
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for bucket URLs (gs://, s3://); False for local paths, gcsfuse mounts included."""
+    return os.fspath(location).startswith(REMOTE_SCHEMES)
+
+
+def path(location: str | os.PathLike) -> epath.Path:
+    """The location as an epath.Path (absolute when local, so Orbax accepts it)."""
+    if isinstance(location, epath.Path) and is_remote(location):
+        return location
+    text = os.fspath(location)
+    return epath.Path(text) if is_remote(text) else epath.Path(os.path.abspath(text))
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """`location/part/...` as a string, for any kind of location."""
+    return os.fspath(path(location).joinpath(*parts))
+
+
+def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it): for ranged reads, which epath does not offer."""
+    import fsspec  # noqa: PLC0415 - only readers of bucket shards need it
+
+    fs, inner = fsspec.core.url_to_fs(os.fspath(location))
+    return fs, inner
+
+
+def _status(error: BaseException) -> int | None:
+    """The HTTP status of a client error, whichever library raised it."""
+    for attribute in ("code", "status", "status_code"):
+        value = getattr(error, attribute, None)
+        if isinstance(value, int):
+            return value
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth retrying: throttling, server errors, dropped or timed-out connections."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    status = _status(error)
+    if status is not None:
+        return status in _RETRY_STATUS
+    name = type(error).__name__
+    return name in {"ServerDisconnectedError", "ClientOSError", "ClientPayloadError", "ServerTimeoutError",
+                    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "IncompleteReadError",
+                    "ResponseStreamingError"}
+
+
+def explain(error: BaseException, location: str | os.PathLike, doing: str) -> StorageError:
+    """A StorageError naming the location, what was being done and the cause in one line."""
+    status = _status(error)
+    if isinstance(error, FileNotFoundError) or status == 404:
+        reason = "not found (a missing object, folder or bucket)"
+    elif isinstance(error, PermissionError) or status in (401, 403) or str(error).startswith("Forbidden"):
+        reason = "access denied: the job's credentials lack permission (see README: permissions)"
+    else:
+        text = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {text[0][:300] if text else ''}"
+    return StorageError(f"{os.fspath(location)}: {doing} failed: {reason}")
+
+
+def retrying(fn: Callable[[], _T], location: str | os.PathLike, doing: str, base_delay: float = 1.0) -> _T:
+    """fn() retried RETRY_ATTEMPTS times on transient errors with jittered exponential backoff (1 s,
+    2 s, ... capped at 10 s); any other error, or the last transient one, is raised as a
+    StorageError naming the location."""
+    attempts = RETRY_ATTEMPTS
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - each client library raises its own types
+            if not is_transient(e) or attempt == attempts - 1:
+                tries = f" after {attempt + 1} attempts" if attempt else ""
+                raise explain(e, location, doing + tries) from e
+            delay = min(10.0, base_delay * 2**attempt) * (0.5 + random.random())
+            logging.warning("%s: %s: transient %s; retrying in %.1f s", os.fspath(location), doing,
+                            type(e).__name__, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_range(location: str | os.PathLike, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an object or file: one ranged request for a bucket object."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        with open(text, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    fs, inner = filesystem(text)
+    return retrying(lambda: fs.cat_file(inner, start=start, end=end), text, f"reading bytes {start}-{end}")
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    text = os.fspath(location)
+    if not is_remote(text):
+        return path(text).read_bytes()
+    return retrying(lambda: path(text).read_bytes(), text, "reading")
+
+
+def read_text(location: str | os.PathLike) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def size(location: str | os.PathLike) -> int:
+    text = os.fspath(location)
+    if not is_remote(text):
+        return os.path.getsize(text)
+    fs, inner = filesystem(text)
+    return int(retrying(lambda: fs.size(inner), text, "reading the size"))
+
+
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    """Writes a whole object or file, never visible half-written (see module docstring)."""
+    target = path(location)
+    if is_remote(target):
+        retrying(lambda: target.write_bytes(data), target, "writing")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
+
+
+def write_text(location: str | os.PathLike, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
+def makedirs(location: str | os.PathLike) -> None:
+    """Creates a local folder (and parents); buckets have no folders, so for them it is a no-op."""
+    if not is_remote(location):
+        path(location).mkdir(parents=True, exist_ok=True)
+
+
+def exists(location: str | os.PathLike) -> bool:
+    target = path(location)
+    return retrying(target.exists, target, "checking existence") if is_remote(target) else target.exists()
+
+
+def check_bucket(location: str | os.PathLike, writable: bool) -> None:
+    """Fails early, naming the location, when its bucket is missing or the job may not use it.
+
+    Called before anything compiles, so a typo or a missing permission costs seconds, not a
+    compile and a first checkpoint. Writing checks with a small probe object that is then deleted.
+    """
+    if not is_remote(location):
+        return
+    text = os.fspath(location).rstrip("/")
+    scheme, rest = text.split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    fs, inner = filesystem(bucket)
+    try:
+        found = fs.exists(inner)
+    except Exception as e:  # noqa: BLE001
+        raise explain(e, bucket, "checking the bucket") from e
+    if not found:
+        raise StorageError(f"{text}: bucket {bucket} does not exist (or the job's credentials cannot see it)")
+    if writable:
+        probe = f"{text}/.mermed-write-check-{uuid.uuid4().hex[:8]}"
+        try:
+            fs.pipe_file(filesystem(probe)[1], b"")
+            fs.rm_file(filesystem(probe)[1])
+        except Exception as e:  # noqa: BLE001
+            raise explain(e, text, "writing a probe object") from e
