@@ -214,3 +214,40 @@ def check_bucket(location: str | os.PathLike, writable: bool) -> None:
             fs.rm_file(filesystem(probe)[1])
         except Exception as e:  # noqa: BLE001
             raise explain(e, text, "writing a probe object") from e
+
+
+def listdir(location: str | os.PathLike) -> list[str]:
+    """Names directly under a folder or bucket prefix, sorted; [] when there is none (a bucket has
+    no empty folders, so a missing prefix and an empty one look alike)."""
+    target = path(location)
+
+    def names() -> list[str]:
+        return sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+
+    return retrying(names, target, "listing") if is_remote(target) else names()
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Deletes one file or object; one already gone is not an error."""
+    target = path(location)
+
+    if is_remote(target):
+        retrying(lambda: target.unlink(missing_ok=True), target, "deleting")
+    else:
+        target.unlink(missing_ok=True)
+
+
+def upload_tree(local_dir: str | os.PathLike, location: str | os.PathLike) -> list[str]:
+    """Copies every file under a local folder to the same relative names under `location` (for
+    outputs that only a local-file library can write, such as jax.profiler's traces); returns the
+    locations written."""
+    root = os.fspath(local_dir)
+    written = []
+    for folder, _, names in os.walk(root):
+        for name in sorted(names):
+            source = os.path.join(folder, name)
+            target = join(location, *os.path.relpath(source, root).split(os.sep))
+            with open(source, "rb") as f:
+                write_bytes(target, f.read())
+            written.append(target)
+    return written
