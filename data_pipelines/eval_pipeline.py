@@ -12,7 +12,8 @@ padding rows are zeros with valid=False. A batch:
     valid     bool [B]
 
 Configuration (`EvalConfig`, or `EvalConfig.from_config(section)` with the same field names):
-dirs (dataset directories with a manifest.json, which gives label names and modality), split ("test"), batch_size (per host), image_size (224), crop_fraction (0.875), labels,
+dirs (dataset directories with a manifest.json, which gives label names and modality; local paths
+or gs:// / s3:// URLs), split ("test"), batch_size (per host), image_size (224), crop_fraction (0.875), labels,
 skip_corrupt (False: a bad record raises CorruptRecordError naming file and offset; True: its
 row comes back with valid=False and a logged warning, and records lost to a truncated shard are
 logged and left out), read_threads.
@@ -67,11 +68,12 @@ class _Records:
     file_modality: np.ndarray  # int32 per file
     file_ids: np.ndarray
     offsets: np.ndarray
+    sizes: np.ndarray
 
 
 def _all_records(cfg: EvalConfig) -> tuple[_Records, int, bool]:
     """Every record of the split in manifest order, the label count and whether any is multi-label."""
-    files, modalities, file_ids, offsets = [], [], [], []
+    files, modalities, file_ids, extents = [], [], [], []
     label_names = None
     multi_label = False
     for directory in cfg.dirs:
@@ -81,16 +83,16 @@ def _all_records(cfg: EvalConfig) -> tuple[_Records, int, bool]:
                              f"dataset's {label_names}; evaluate label spaces separately")
         label_names = manifest.label_names
         multi_label |= manifest.multi_label
-        for shard, path in zip(manifest.splits[cfg.split].shards, manifest.shard_paths(cfg.split)):
-            found = record_source.index_shard(record_source.ShardFile(str(path), shard.num_records),
-                                              cfg.skip_corrupt)
-            file_ids.append(np.full(len(found), len(files), np.int32))
-            offsets.append(found)
-            files.append(str(path))
+        for shard in record_source.manifest_shard_files(manifest, cfg.split):
+            found = record_source.index_shard(shard, cfg.skip_corrupt)
+            file_ids.append(np.full(len(found) - 1, len(files), np.int32))
+            extents.append(found)
+            files.append(shard.path)
             modalities.append(modality_id(manifest.modality))
     recs = _Records(tuple(files), np.asarray(modalities, np.int32),
                     np.concatenate(file_ids) if file_ids else np.zeros(0, np.int32),
-                    np.concatenate(offsets) if offsets else np.zeros(0, np.int64))
+                    np.concatenate([e[:-1] for e in extents]) if extents else np.zeros(0, np.int64),
+                    np.concatenate([np.diff(e) for e in extents]) if extents else np.zeros(0, np.int64))
     return recs, len(label_names or ()), multi_label
 
 
@@ -121,11 +123,14 @@ class _EvalBatchMaker:
             "modality": np.zeros((b,), np.int32),
             "valid": np.zeros((b,), bool),
         }
-        for row, r in enumerate(range(self.lo + index * b, min(self.lo + (index + 1) * b, self.hi))):
+        rows = range(self.lo + index * b, min(self.lo + (index + 1) * b, self.hi))
+        extents = [(self.recs.files[self.recs.file_ids[r]], int(self.recs.offsets[r]), int(self.recs.sizes[r]))
+                   for r in rows]
+        fetched = self.reader.fetch(extents)  # the batch's bucket records, requested all at once
+        for row, (r, (path, offset, nbytes)) in enumerate(zip(rows, extents)):
             file_id = self.recs.file_ids[r]
-            path, offset = self.recs.files[file_id], int(self.recs.offsets[r])
             try:
-                example, image = self.reader.read_image(path, offset)
+                example, image = self.reader.read_image(path, offset, nbytes, fetched)
                 batch["labels"][row] = self._labels(example["labels"], path, offset)
             except records.CorruptRecordError as error:
                 if not self.cfg.skip_corrupt:

@@ -1,8 +1,15 @@
 """manifest.json: what a converted dataset directory holds, so readers never list or guess files.
 
-Directory layout of one converted dataset:
+Directory layout of one converted dataset (DIR a local path or a gs:// or s3:// URL, see storage.py):
     DIR/<dataset>/manifest.json
     DIR/<dataset>/<split>-NNNNN-of-MMMMM.tfrecord        (format "tfrecord", the only one read)
+    DIR/<dataset>/<split>-NNNNN-of-MMMMM.tfrecord.index  its records' byte offsets, then its size,
+                                                        as little-endian uint64 (records.INDEX_DTYPE)
+
+A reader takes each record with one read of its extent from the index, instead of scanning every
+shard's headers first (which on a bucket means downloading the whole dataset on every host). The
+manifest lists each shard's index and byte size, so the index is checked against the shard it
+describes; a shard without an index (TFDS-built, or converted before indexes existed) is scanned.
 
 The manifest records per split the shard files with record counts and sha256, per-class counts,
 and the per-channel pixel mean/std measured during conversion (on pixel / max value, i.e. in
@@ -24,8 +31,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
 from typing import Any
+
+from etils import epath
+
+from data_pipelines import storage
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -48,6 +58,8 @@ class Shard:
     file: str  # relative to the dataset directory
     num_records: int
     sha256: str | None  # None for TFDS-built shards (TFDS records no checksum)
+    index: str | None = None  # its index file (index_name), relative; None: readers scan the shard
+    num_bytes: int | None = None  # the shard's size, the index's last entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +83,7 @@ class Manifest:
     feature_spec: dict[str, dict[str, str]]
     splits: dict[str, Split]
     windows: tuple[Window, ...] | None = None
-    directory: pathlib.Path | None = dataclasses.field(default=None, compare=False)
+    directory: epath.Path | None = dataclasses.field(default=None, compare=False)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -87,7 +99,7 @@ class Manifest:
             return self.splits["train"].mean, self.splits["train"].std
         return pooled_stats(list(self.splits.values()))
 
-    def shard_paths(self, split: str) -> list[pathlib.Path]:
+    def shard_paths(self, split: str) -> list[epath.Path]:
         """Absolute paths of a split's shards, in order; KeyError names the available splits."""
         if split not in self.splits:
             raise KeyError(f"{self.dataset}: no split {split!r}; has {sorted(self.splits)}")
@@ -121,24 +133,32 @@ def shard_name(split: str, index: int, count: int, fmt: str) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.{fmt}"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def index_name(shard_file: str) -> str:
+    """The name of a shard's index file (see module docstring)."""
+    return shard_file + ".index"
 
 
-def save_manifest(manifest: Manifest, directory: str | os.PathLike) -> pathlib.Path:
-    """Writes manifest.json atomically (write then rename), so a reader never sees half a file."""
-    path = pathlib.Path(directory) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def file_sha256(location: str | os.PathLike) -> str:
+    """sha256 of a file or bucket object, streamed (a bucket object is read again from the start
+    when a transient error interrupts it)."""
+    def digest() -> str:
+        hasher = hashlib.sha256()
+        with storage.path(location).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                hasher.update(block)
+        return hasher.hexdigest()
+
+    return storage.retrying(digest, location, "hashing") if storage.is_remote(location) else digest()
+
+
+def save_manifest(manifest: Manifest, directory: str | os.PathLike) -> epath.Path:
+    """Writes manifest.json whole (storage.write_text), so a reader never sees half a file."""
+    path = storage.path(storage.join(directory, MANIFEST_NAME))
+    storage.write_text(path, json.dumps(manifest.to_json(), indent=1, sort_keys=True))
     return path
 
 
-def _from_json(data: dict[str, Any], directory: pathlib.Path) -> Manifest:
+def _from_json(data: dict[str, Any], directory: epath.Path) -> Manifest:
     if data.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{directory / MANIFEST_NAME}: unsupported manifest version {data.get('version')!r}")
     splits = {
@@ -167,11 +187,11 @@ def _from_json(data: dict[str, Any], directory: pathlib.Path) -> Manifest:
     )
 
 
-def _from_tfds(directory: pathlib.Path) -> Manifest:
+def _from_tfds(directory: epath.Path) -> Manifest:
     """A Manifest for a directory built by a TFDS builder of this package (tfds_medmnist)."""
-    info = json.loads((directory / TFDS_INFO_NAME).read_text())
+    info = json.loads(storage.read_text(directory / TFDS_INFO_NAME))
     meta_path = directory / TFDS_METADATA_NAME
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = json.loads(storage.read_text(meta_path)) if storage.exists(meta_path) else {}
     missing = [k for k in ("modality", "label_names", "channels", "mean", "std", "class_counts") if k not in meta]
     if missing:
         raise ValueError(f"{meta_path}: not built by a mermed TFDS builder (metadata lacks {missing})")
@@ -203,21 +223,27 @@ def _from_tfds(directory: pathlib.Path) -> Manifest:
 def load_manifest(directory: str | os.PathLike) -> Manifest:
     """The manifest of a converted dataset directory (DIR/<dataset>) or of a TFDS-built one.
 
-    Raises ValueError for shards in a format outside FORMATS, which no reader here reads.
+    `directory` may be a bucket URL. Raises ValueError for shards in a format outside FORMATS,
+    which no reader here reads, and StorageError naming the location when its bucket is missing
+    or may not be read.
     """
-    directory = pathlib.Path(directory).resolve()
+    directory = storage.path(directory)
+    if not storage.is_remote(directory):
+        directory = directory.resolve()
     path = directory / MANIFEST_NAME
-    if not path.is_file() and (directory / TFDS_INFO_NAME).is_file():
+    found = storage.exists(path)
+    if not found and storage.exists(directory / TFDS_INFO_NAME):
         try:
             manifest = _from_tfds(directory)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{directory}: malformed TFDS dataset info ({type(e).__name__}: {e})") from e
         remedy = "prepare the TFDS build with file_format='tfrecord'"
-    elif not path.is_file():
+    elif not found:
+        storage.check_bucket(directory, writable=False)  # a missing bucket, named as such
         raise FileNotFoundError(f"{path}: no manifest (is {directory} a converted dataset directory?)")
     else:
         try:
-            manifest = _from_json(json.loads(path.read_text()), directory)
+            manifest = _from_json(json.loads(storage.read_text(path)), directory)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
         remedy = "convert it again (the converter writes tfrecord)"
@@ -235,7 +261,7 @@ def verify_shards(manifest: Manifest) -> None:
     for split in manifest.splits:
         for shard, path in zip(manifest.splits[split].shards, manifest.shard_paths(split)):
             if shard.sha256 is None:
-                if not path.is_file():
+                if not storage.exists(path):
                     raise ValueError(f"{path}: shard listed by the dataset info is missing")
                 continue
             actual = file_sha256(path)

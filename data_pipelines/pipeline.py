@@ -20,7 +20,8 @@ Images stay uint8 until the train step normalises them on device with the run's 
 Configuration (`TrainConfig`, or `TrainConfig.from_config(config.data)` for an ml_collections
 ConfigDict with the same field names; `crops` is a nested section of MultiCropConfig fields;
 keyword overrides bring in fields kept elsewhere in the config, such as global_batch and crops):
-    dirs              dataset directories: the converter's (manifest.json) or TFDS-prepared ones
+    dirs              dataset directories: the converter's (manifest.json) or TFDS-prepared ones;
+                      local paths or gs:// / s3:// URLs (data_pipelines/storage.py)
     split             split to read, "train" by default
     per_device_batch  images per device batch; or global_batch, divided by jax.device_count()
     crops             MultiCropConfig: sizes, counts, scales, jitter, blur (the paper's defaults)
@@ -90,15 +91,20 @@ class _BatchMaker:
             self._orders.pop((i, epoch - 2), None)
         return order
 
-    def _image(self, i: int, position: int) -> tuple[np.ndarray, int]:
+    def _record(self, i: int, position: int) -> tuple[str, int, int]:
+        """(file, byte offset, size) of the record at stream `position` of modality i."""
+        src = self.host[i]
+        epoch, k = divmod(position, len(src))
+        r = self._order(i, epoch)[k]
+        return src.files[src.file_ids[r]], int(src.offsets[r]), int(src.sizes[r])
+
+    def _image(self, i: int, position: int, fetched: dict[tuple[str, int], bytes]) -> tuple[np.ndarray, int]:
         """Decoded image at stream `position` of modality i, and how many bad records were skipped."""
         src = self.host[i]
         for skipped in range(min(len(src), _MAX_CONSECUTIVE_SKIPS)):
-            epoch, k = divmod(position + skipped, len(src))
-            r = self._order(i, epoch)[k]
-            path, offset = src.files[src.file_ids[r]], int(src.offsets[r])
+            path, offset, size = self._record(i, position + skipped)
             try:
-                return self.reader.read_image(path, offset)[1], skipped
+                return self.reader.read_image(path, offset, size, fetched)[1], skipped
             except records.CorruptRecordError as e:
                 error = e
                 if not self.cfg.skip_corrupt:
@@ -111,6 +117,10 @@ class _BatchMaker:
         crops = self.cfg.crops
         counts = self.alloc.device_counts(step)
         position = self.alloc.stream_start(step).copy()
+        # The batch's bucket records requested all at once (records that replace skipped ones are
+        # read one by one when met).
+        fetched = self.reader.fetch([self._record(i, int(position[i]) + j)
+                                     for i, total in enumerate(counts.sum(axis=0)) for j in range(int(total))])
         size = int(counts.sum())
         batch = {name: np.empty(shape, dtype) for name, (shape, dtype) in batch_layout(size, crops).items()}
         skipped = 0
@@ -118,7 +128,7 @@ class _BatchMaker:
         for device_counts in counts:
             for i, count in enumerate(device_counts):
                 for _ in range(count):
-                    image, bad = self._image(i, int(position[i]))
+                    image, bad = self._image(i, int(position[i]), fetched)
                     skipped += bad
                     position[i] += 1
                     rng = keyed_rng((self.cfg.seed, _AUG_KEY, self.process_index, step, slot))

@@ -22,6 +22,7 @@ Directory layout and manifest: see manifest.py (`load_manifest` is re-exported h
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -34,6 +35,7 @@ import numpy as np
 from google.protobuf import message
 from tensorflow_datasets.proto import tf_example_pb2
 
+from data_pipelines import storage
 from data_pipelines.manifest import load_manifest  # noqa: F401  (re-exported for readers)
 from data_pipelines.modalities import MODALITIES
 
@@ -41,7 +43,10 @@ _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _HEADER_BYTES = _HEADER.size  # 12
 _FOOTER_BYTES = _FOOTER.size  # 4
+FRAMING_BYTES = _HEADER_BYTES + _FOOTER_BYTES  # a record's size beyond its payload
 _MASK_DELTA = 0xA282EAD8
+# A shard's index (manifest.index_name): its records' byte offsets, then its size.
+INDEX_DTYPE = np.dtype("<u8")
 IMAGE_FORMATS = ("png", "jpeg")
 
 # Feature spec of the Example schema; written into every manifest so readers can check it.
@@ -85,16 +90,26 @@ def frame_record(payload: bytes) -> bytes:
 
 
 class TFRecordWriter:
-    """Appends framed records to a file; use as a context manager. `count` is the records written."""
+    """Appends framed records to a local file; use as a context manager. `count` is the records
+    written; `extents` their offsets with the file size last, the shard's index (INDEX_DTYPE)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._file = open(self.path, "wb")
-        self.count = 0
+        self._extents = [0]
+
+    @property
+    def count(self) -> int:
+        return len(self._extents) - 1
+
+    @property
+    def extents(self) -> np.ndarray:
+        return np.asarray(self._extents, INDEX_DTYPE)
 
     def write(self, payload: bytes) -> None:
-        self._file.write(frame_record(payload))
-        self.count += 1
+        framed = frame_record(payload)
+        self._file.write(framed)
+        self._extents.append(self._extents[-1] + len(framed))
 
     def close(self) -> None:
         self._file.close()
@@ -121,7 +136,7 @@ def _check_header(path: str, header: bytes, offset: int, remaining: int) -> int:
     length, length_crc = _HEADER.unpack(header)
     if masked_crc32c(header[:8]) != length_crc:
         raise CorruptRecordError(path, offset, "length CRC mismatch (not a record start, or corrupt)")
-    needed = _HEADER_BYTES + length + _FOOTER_BYTES
+    needed = length + FRAMING_BYTES
     if needed > remaining:
         raise CorruptRecordError(path, offset, f"truncated record (needs {needed} bytes, {remaining} left)")
     return length
@@ -133,38 +148,65 @@ def _check_payload(path: str, offset: int, payload: bytes, crc_bytes: bytes) -> 
     return payload
 
 
+def parse_record(path: str, offset: int, framed: bytes) -> bytes:
+    """The CRC-checked payload of one whole framed record read from `path` at `offset` (its extent
+    known from the shard's index), which must hold exactly one record."""
+    length = _check_header(path, framed[:_HEADER_BYTES], offset, len(framed))
+    if length + FRAMING_BYTES != len(framed):
+        raise CorruptRecordError(path, offset, f"record of {length + FRAMING_BYTES} bytes where "
+                                               f"the shard's index says {len(framed)}")
+    return _check_payload(path, offset, framed[_HEADER_BYTES:_HEADER_BYTES + length], framed[-_FOOTER_BYTES:])
+
+
+@contextlib.contextmanager
+def _contents(path: str) -> Iterator[Any]:
+    """The whole file as a bytes-like object: mapped locally, one read (through storage) for a
+    bucket object, which scanning has to fetch in full anyway."""
+    if storage.is_remote(path):
+        yield storage.read_bytes(path)
+        return
+    if os.path.getsize(path) == 0:  # mmap refuses empty files
+        yield b""
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        yield buf
+
+
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
     """Yields (byte offset, payload) of every record, checking both CRCs and the framing."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with _contents(path) as buf:
+        size = len(buf)
         offset = 0
         while offset < size:
-            length = _check_header(path, f.read(_HEADER_BYTES), offset, size - offset)
-            payload = f.read(length)
-            crc = f.read(_FOOTER_BYTES)
-            yield offset, _check_payload(path, offset, payload, crc)
-            offset += _HEADER_BYTES + length + _FOOTER_BYTES
+            length = _check_header(path, buf[offset:offset + _HEADER_BYTES], offset, size - offset)
+            start = offset + _HEADER_BYTES
+            payload = bytes(buf[start:start + length])
+            yield offset, _check_payload(path, offset, payload, buf[start + length:start + length + _FOOTER_BYTES])
+            offset = start + length + _FOOTER_BYTES
+
+
+def record_extents(path: str | os.PathLike) -> np.ndarray:
+    """Byte offsets (INDEX_DTYPE) of every record with the file size last, from one scan of the
+    headers (payload CRCs not read): what the shard's index holds, for shards written without one.
+
+    Checks each length CRC and that the last record is complete, so a truncated shard fails here,
+    at indexing time, rather than after hours of training. A bucket object is read whole.
+    """
+    path = os.fspath(path)
+    extents = [0]
+    with _contents(path) as buf:
+        size = len(buf)
+        while extents[-1] < size:
+            offset = extents[-1]
+            length = _check_header(path, buf[offset:offset + _HEADER_BYTES], offset, size - offset)
+            extents.append(offset + length + FRAMING_BYTES)
+    return np.asarray(extents, INDEX_DTYPE)
 
 
 def index_records(path: str | os.PathLike) -> np.ndarray:
-    """Byte offsets (int64) of every record, from one scan of the headers (payload CRCs not read).
-
-    Checks each length CRC and that the last record is complete, so a truncated shard fails here,
-    at indexing time, rather than after hours of training.
-    """
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    offsets: list[int] = []
-    if size == 0:
-        return np.zeros((0,), np.int64)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        offset = 0
-        while offset < size:
-            length = _check_header(path, buf[offset : offset + _HEADER_BYTES], offset, size - offset)
-            offsets.append(offset)
-            offset += _HEADER_BYTES + length + _FOOTER_BYTES
-    return np.asarray(offsets, np.int64)
+    """Byte offsets (int64) of every record, from one scan of the headers (see `record_extents`)."""
+    return record_extents(path)[:-1].astype(np.int64)
 
 
 def _read_at(path: str, f: Any, offset: int) -> bytes:
@@ -177,14 +219,21 @@ def _read_at(path: str, f: Any, offset: int) -> bytes:
 
 
 def read_record_at(path: str | os.PathLike, offset: int) -> bytes:
-    """The CRC-checked payload of the record starting at `offset` (from `index_records`)."""
+    """The CRC-checked payload of the record starting at `offset` (from `index_records`); for a
+    bucket object, two ranged reads (the header gives the length)."""
     path = os.fspath(path)
+    offset = int(offset)
+    if storage.is_remote(path):
+        header = storage.read_range(path, offset, offset + _HEADER_BYTES)
+        length = _check_header(path, header, offset, storage.size(path) - offset)
+        return parse_record(path, offset, header + storage.read_range(
+            path, offset + _HEADER_BYTES, offset + length + FRAMING_BYTES))
     with open(path, "rb") as f:
-        return _read_at(path, f, int(offset))
+        return _read_at(path, f, offset)
 
 
 class RecordFileReader:
-    """Random access to one TFRecord file, keeping the file open between reads.
+    """Random access to one local TFRecord file, keeping the file open between reads.
 
     Picklable (the handle is reopened lazily), so it can be shipped to Grain worker processes.
     """
@@ -193,10 +242,14 @@ class RecordFileReader:
         self.path = os.fspath(path)
         self._file: Any = None
 
-    def read(self, offset: int) -> bytes:
+    def read(self, offset: int, size: int | None = None) -> bytes:
+        """The record at `offset`; with its framed `size` (from the shard's index) in one read."""
         if self._file is None:
             self._file = open(self.path, "rb")
-        return _read_at(self.path, self._file, int(offset))
+        if size is None:
+            return _read_at(self.path, self._file, int(offset))
+        self._file.seek(int(offset))
+        return parse_record(self.path, int(offset), self._file.read(int(size)))
 
     def close(self) -> None:
         if self._file is not None:
