@@ -48,9 +48,11 @@ from data_pipelines.splits import parse_fractions
 
 
 def _common(parser: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:
-    parser.add_argument("--out", type=pathlib.Path, required=True, help="output root; the dataset goes to OUT/DATASET")
+    parser.add_argument("--out", required=True,
+                        help="output root, a local path or a gs:// or s3:// URL; the dataset goes to OUT/DATASET")
     parser.add_argument("--dataset", required=dataset_required, help="dataset name (directory and Example field)")
-    parser.add_argument("--id-key-file", type=pathlib.Path, help=f"HMAC key for image ids (else ${privacy.KEY_ENV})")
+    parser.add_argument("--id-key-file", help=f"HMAC key for image ids, a local path or a gs:// or s3:// URL "
+                                               f"(else ${privacy.KEY_ENV})")
     parser.add_argument("--shard-size", type=int, default=1024, help="source items per shard")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad inputs instead of stopping")
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = kinds.add_parser("demo", help="synthetic images of all seven modalities")
-    p.add_argument("--out", type=pathlib.Path, required=True)
+    p.add_argument("--out", required=True, help="output root, a local path or a gs:// or s3:// URL")
     p.add_argument("--images-per-modality", type=int, default=256)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
 
     p = kinds.add_parser("new-key", help="create a random id key file")
-    p.add_argument("path", type=pathlib.Path)
+    p.add_argument("path", help="a local path or a gs:// or s3:// URL")
 
     return parser
 
@@ -189,9 +191,11 @@ def _os_error_message(error: OSError, args: argparse.Namespace) -> str:
     """The error, naming its path unless that path is in a DICOM/NIfTI source, where folder and
     file names may name patients."""
     path = pathlib.Path(os.fsdecode(error.filename)).absolute() if error.filename is not None else None
-    out = args.out.absolute()
     private = args.kind in ("dicom", "nifti")
-    if path is None or not private or path == out or out in path.parents:
+    if path is None or not private:
+        return str(error)
+    out = pathlib.Path(args.out).absolute()
+    if path == out or out in path.parents:
         return str(error)
     return f"{error.strerror} (a path in the source; not shown, as DICOM/NIfTI paths may name patients)"
 

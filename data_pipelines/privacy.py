@@ -2,8 +2,8 @@
 
 A plain hash of a path or DICOM UID can be reversed by anyone who can guess or enumerate the
 inputs (UIDs and NIH-style file names are highly structured); a keyed HMAC cannot without the key.
-The key lives outside the shards: in a file (`--id-key-file`) or the MERMED_ID_KEY environment
-variable (hex). The same key gives the same ids, so a converted set can be joined back to its
+The key lives outside the shards: in a file or bucket object (`--id-key-file`, a local path or a
+gs:// or s3:// URL) or the MERMED_ID_KEY environment variable (hex). The same key gives the same ids, so a converted set can be joined back to its
 sources by whoever holds the key, and by nobody else.
 """
 
@@ -12,21 +12,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import pathlib
 import secrets
+
+from data_pipelines import storage
 
 KEY_ENV = "MERMED_ID_KEY"
 KEY_BYTES = 32
 ID_HEX_CHARS = 32  # 128 bits: no collisions in practice, short enough to print
 
 
-def new_key_file(path: str | os.PathLike) -> pathlib.Path:
-    """Creates a fresh random key file (hex, mode 0600); refuses to overwrite an existing one."""
-    path = pathlib.Path(path)
+def new_key_file(path: str | os.PathLike) -> str:
+    """Creates a fresh random key file (hex; mode 0600 locally, the bucket's permissions govern an
+    object); refuses to overwrite an existing one."""
+    text = secrets.token_hex(KEY_BYTES) + "\n"
+    if storage.is_remote(path):
+        if storage.exists(path):
+            raise FileExistsError(f"{os.fspath(path)}: exists; refusing to replace an id key")
+        storage.write_text(path, text)
+        return os.fspath(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(KEY_BYTES) + "\n")
-    return path
+        f.write(text)
+    return os.fspath(path)
 
 
 def _parse(text: str, origin: str) -> bytes:
@@ -42,7 +49,7 @@ def _parse(text: str, origin: str) -> bytes:
 def load_key(key_file: str | os.PathLike | None = None) -> bytes:
     """The HMAC key from `key_file`, else from $MERMED_ID_KEY; the error says how to make one."""
     if key_file is not None:
-        return _parse(pathlib.Path(key_file).read_text(), str(key_file))
+        return _parse(storage.read_text(key_file), os.fspath(key_file))
     if os.environ.get(KEY_ENV):
         return _parse(os.environ[KEY_ENV], f"${KEY_ENV}")
     raise ValueError(
@@ -55,10 +62,14 @@ def check_key_outside(key_file: str | os.PathLike | None, out_dir: str | os.Path
     """Refuses a key file inside the output directory, where it would travel with the shards."""
     if key_file is None:
         return
-    key = pathlib.Path(key_file).resolve()
-    out = pathlib.Path(out_dir).resolve()
-    if key == out or out in key.parents:
+    key, out = _absolute(key_file), _absolute(out_dir)
+    if key == out or key.startswith(out + "/"):
         raise ValueError(f"id key file {key} is inside the output directory {out}; keep it outside")
+
+
+def _absolute(location: str | os.PathLike) -> str:
+    """A location comparable by prefix: a resolved local path, or a bucket URL without a trailing /."""
+    return os.fspath(location).rstrip("/") if storage.is_remote(location) else os.path.realpath(location)
 
 
 def image_id(key: bytes, source: str) -> str:

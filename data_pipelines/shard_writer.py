@@ -1,10 +1,21 @@
 """Conversion engine: a source's items -> planned shards -> parallel, resumable writing -> manifest.
 
-The plan (which items go to which shard of which split) is a pure function of the source listing,
-the options and the id key, so an interrupted conversion run again with the same arguments finds
-the same plan: shards already completed (recorded in .convert_state.json with their sha256) are
-kept, the rest are written. The skip policy is not part of the plan: a run stopped by a bad input
-can be resumed with skipping on (skips of kept shards stay recorded and reported). A shard is written under a .partial name and renamed when complete.
+The output directory is local or in a bucket (gs://, s3://; see storage.py). The plan (which
+items go to which shard of which split) is a pure function of the source listing, the options and
+the id key, so an interrupted conversion run again with the same arguments finds the same plan
+(its digest is in .convert_state.json): shards already completed are kept, the rest are written.
+The skip policy is not part of the plan: a run stopped by a bad input can be resumed with skipping
+on (skips of kept shards stay recorded and reported).
+
+Buckets have no rename, and an object appears only once its upload completes, so completion is
+recorded by what is written after a shard rather than by renaming it: a shard is written locally
+(under a .partial name beside a local output, in the temporary folder for a bucket), then moved
+or uploaded whole, then its index (manifest.index_name), then its completion marker
+(.convert_state.<shard>.json: the shard's statistics, size and sha256). On resume a shard is kept
+when its marker is there and one listing of the directory shows the shard and its index at the
+recorded sizes (a local shard's sha256 is checked as well; a bucket shard's is not, which would
+read the whole dataset back). manifest.json is written last, after every shard and index, and an
+overwrite deletes it first, so a reader never finds a manifest naming shards that are not there.
 
 Nothing written names a source: shards hold pixels, labels and HMAC ids; the state file and the
 summary hold shard statistics and the hashed ids of skipped items. Bad inputs stop the conversion
@@ -19,23 +30,25 @@ import json
 import math
 import multiprocessing
 import os
-import pathlib
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
 import cv2
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from data_pipelines import manifest as mf
-from data_pipelines import records
+from data_pipelines import records, storage
 from data_pipelines.privacy import image_id
 from data_pipelines.sources.base import Frame, Item, Source, SourceError
 from data_pipelines.splits import DEFAULT_FRACTIONS, assign_splits
 
-STATE_NAME = ".convert_state.json"
+STATE_NAME = ".convert_state.json"  # the plan's fingerprint
+_MARKER = ".convert_state.{}.json"  # a completed shard's ShardResult
 FORMAT = "tfrecord"  # the only shard format the readers read (manifest.FORMATS)
 PARTIAL_SUFFIX = ".partial"
 
@@ -47,7 +60,7 @@ class ConversionError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class ConvertOptions:
     dataset: str
-    out_dir: pathlib.Path  # the dataset's files go to out_dir / dataset
+    out_dir: str | os.PathLike  # the dataset's files go to out_dir / dataset; a local path or a bucket URL
     shard_size: int = 1024  # source items per shard (a multi-frame item gives several records)
     workers: int = 1
     skip_bad: bool = False  # explicit skip policy: bad inputs are skipped and counted, not fatal
@@ -57,8 +70,8 @@ class ConvertOptions:
     overwrite: bool = False
 
     @property
-    def directory(self) -> pathlib.Path:
-        return pathlib.Path(self.out_dir) / self.dataset
+    def directory(self) -> epath.Path:
+        return storage.path(storage.join(self.out_dir, self.dataset))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +86,7 @@ class ShardResult:
     name: str
     split: str
     num_records: int
+    num_bytes: int
     sha256: str
     class_counts: tuple[int, ...]
     sum_mean: tuple[float, ...]  # per channel, sums over images of per-image means of pixel / max
@@ -188,9 +202,26 @@ def _load(source: Source, item: Item, item_id: str) -> list[Frame]:
 
 
 def write_shard(source: Source, key: bytes, options: ConvertOptions, task: ShardTask) -> ShardResult:
-    """Writes one shard (under a .partial name, renamed when complete) and measures it."""
-    final = options.directory / task.name
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    """Writes one shard, then its index (see module docstring), and measures it."""
+    final = os.fspath(options.directory / task.name)
+    if storage.is_remote(final):
+        handle, partial = tempfile.mkstemp(prefix=f"{options.dataset}.{task.name}.", suffix=PARTIAL_SUFFIX)
+        os.close(handle)
+    else:
+        partial = final + PARTIAL_SUFFIX
+    try:
+        result, extents = _write_records(source, key, options, task, partial)
+        storage.publish(partial, final)
+    finally:
+        if storage.is_remote(final) and os.path.exists(partial):
+            os.remove(partial)
+    storage.write_bytes(storage.join(options.directory, mf.index_name(task.name)), extents.tobytes())
+    return result
+
+
+def _write_records(source: Source, key: bytes, options: ConvertOptions, task: ShardTask,
+                   partial: str) -> tuple[ShardResult, np.ndarray]:
+    """Writes a shard's records to the local file `partial`; returns its measures and its index."""
     stats = _ShardStats(source)
     skipped = []
     writer = records.TFRecordWriter(partial)
@@ -220,12 +251,13 @@ def write_shard(source: Source, key: bytes, options: ConvertOptions, task: Shard
                 stats.add(frame.pixels, item.labels)
     finally:
         writer.close()
-    os.replace(partial, final)
+    extents = writer.extents
     return ShardResult(
-        name=task.name, split=task.split, num_records=stats.count, sha256=mf.file_sha256(final),
+        name=task.name, split=task.split, num_records=stats.count, num_bytes=int(extents[-1]),
+        sha256=mf.file_sha256(partial),
         class_counts=tuple(int(c) for c in stats.class_counts), sum_mean=tuple(stats.sum_mean.tolist()),
         sum_sq=tuple(stats.sum_sq.tolist()), pixel_depth=stats.depth, skipped=tuple(skipped),
-    )
+    ), extents
 
 
 _WORKER: tuple[Source, bytes, ConvertOptions] | None = None
@@ -241,31 +273,42 @@ def _run_task(task: ShardTask) -> ShardResult:
     return write_shard(*_WORKER, task)
 
 
-def _load_state(directory: pathlib.Path, fingerprint: str, overwrite: bool) -> dict[str, ShardResult]:
+def _load_state(directory: epath.Path, fingerprint: str, overwrite: bool) -> dict[str, ShardResult]:
     """Completed shards of an earlier run of the same plan; refuses to mix with a different one."""
-    state_path = directory / STATE_NAME
-    existing = [p for p in directory.iterdir() if p.is_file()] if directory.is_dir() else []
+    found = storage.list_sizes(directory)
     if overwrite:
-        for path in existing:
-            path.unlink()
+        # The manifest first: a reader must never find one naming deleted shards.
+        for name in sorted(found, key=lambda n: n != mf.MANIFEST_NAME):
+            storage.remove(directory / name)
         return {}
-    if not state_path.is_file():
-        if existing:
+    if STATE_NAME not in found:
+        if found:
             raise ConversionError(f"{directory} holds files from another conversion; pass overwrite to replace them")
         return {}
-    state = json.loads(state_path.read_text())
+    state = json.loads(storage.read_text(directory / STATE_NAME))
     if state.get("fingerprint") != fingerprint:
         raise ConversionError(
             f"{directory} holds a conversion with a different plan (source, options or key); "
             "pass overwrite to replace it"
         )
-    done = {}
-    for name, data in state["shards"].items():
-        result = _result_from_json(data)
-        path = directory / name
-        if path.is_file() and mf.file_sha256(path) == result.sha256:
-            done[name] = result
-    return done
+    markers = [directory / name for name in found if name != STATE_NAME and _is_marker(name)]
+    with ThreadPoolExecutor(16) as pool:  # one request each on a bucket
+        results = list(pool.map(lambda m: _result_from_json(json.loads(storage.read_text(m))), markers))
+    return {r.name: r for r in results if _is_complete(directory, r, found)}
+
+
+def _is_marker(name: str) -> bool:
+    prefix, suffix = _MARKER.split("{}")
+    return name.startswith(prefix) and name.endswith(suffix)
+
+
+def _is_complete(directory: epath.Path, result: ShardResult, found: dict[str, int]) -> bool:
+    """The shard and its index are there at their recorded sizes (a local shard: and its sha256)."""
+    if found.get(result.name) != result.num_bytes:
+        return False
+    if found.get(mf.index_name(result.name)) != records.INDEX_DTYPE.itemsize * (result.num_records + 1):
+        return False
+    return storage.is_remote(directory) or mf.file_sha256(directory / result.name) == result.sha256
 
 
 def _result_from_json(data: dict) -> ShardResult:
@@ -273,12 +316,6 @@ def _result_from_json(data: dict) -> ShardResult:
     fields = {k: tuple(v) if k in tuples else v for k, v in data.items()}
     fields["skipped"] = tuple((reason, item_id) for reason, item_id in data["skipped"])
     return ShardResult(**fields)
-
-
-def _save_state(directory: pathlib.Path, fingerprint: str, done: dict[str, ShardResult]) -> None:
-    tmp = directory / (STATE_NAME + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "shards": {n: dataclasses.asdict(r) for n, r in done.items()}}))
-    os.replace(tmp, directory / STATE_NAME)
 
 
 def _build_manifest(source: Source, options: ConvertOptions, tasks: list[ShardTask],
@@ -292,7 +329,8 @@ def _build_manifest(source: Source, options: ConvertOptions, tasks: list[ShardTa
         mean = sum_mean / max(n, 1)
         std = np.sqrt(np.maximum(sum_sq / max(n, 1) - mean**2, 0.0))
         splits[split] = mf.Split(
-            shards=tuple(mf.Shard(r.name, r.num_records, r.sha256) for r in results),
+            shards=tuple(mf.Shard(r.name, r.num_records, r.sha256, mf.index_name(r.name), r.num_bytes)
+                         for r in results),
             num_records=n,
             class_counts=tuple(int(c) for c in np.sum([r.class_counts for r in results], axis=0).reshape(-1)),
             mean=tuple(mean.tolist()),
@@ -303,22 +341,25 @@ def _build_manifest(source: Source, options: ConvertOptions, tasks: list[ShardTa
         label_names=tuple(source.label_names), multi_label=source.multi_label,
         pixel_depth=max(r.pixel_depth for r in done.values()), channels=source.channels,
         feature_spec=records.FEATURE_SPEC, splits=splits, windows=source.windows,
-        directory=options.directory.resolve(),
+        directory=options.directory if storage.is_remote(options.directory) else options.directory.resolve(),
     )
 
 
 def convert(source: Source, key: bytes, options: ConvertOptions,
             on_shard: Callable[[ShardResult], None] | None = None) -> ConversionReport:
-    """Converts a source into options.directory: shards, manifest.json and the resume state."""
+    """Converts a source into options.directory: shards, their indexes, the resume state and,
+    last, manifest.json."""
     items = source.items()
     if not items:
         raise ConversionError(f"{source.__class__.__name__}: no inputs found")
     tasks = plan_shards(items, options)
     fingerprint = _fingerprint(source, tasks, key, options)
     directory = options.directory
+    storage.check_bucket(directory, writable=True)  # a missing bucket or permission, named before any work
     done = _load_state(directory, fingerprint, options.overwrite)
-    directory.mkdir(parents=True, exist_ok=True)
-    _save_state(directory, fingerprint, done)  # before any shard, so a run that fails at once can resume
+    storage.makedirs(directory)
+    # Before any shard, so a run that fails at once can resume.
+    storage.write_text(directory / STATE_NAME, json.dumps({"fingerprint": fingerprint}))
     reused = len(done)
     todo = [t for t in tasks if t.name not in done]
     bar = tqdm(total=len(items), unit="item", desc=options.dataset, disable=not options.progress, file=sys.stderr)
@@ -326,7 +367,7 @@ def convert(source: Source, key: bytes, options: ConvertOptions,
 
     def finish(result: ShardResult) -> None:
         done[result.name] = result
-        _save_state(directory, fingerprint, done)
+        storage.write_text(directory / _MARKER.format(result.name), json.dumps(dataclasses.asdict(result)))
         bar.update(len(next(t for t in tasks if t.name == result.name).items))
         if on_shard is not None:
             on_shard(result)

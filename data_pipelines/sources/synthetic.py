@@ -146,7 +146,7 @@ def demo_key(seed: int) -> bytes:
 
 
 def write_demo_data(
-    out_dir: str | pathlib.Path,
+    out_dir: str | pathlib.Path,  # or a bucket URL
     images_per_modality: int = 256,
     size: int = 64,
     seed: int = 0,
@@ -162,7 +162,7 @@ def write_demo_data(
     manifests = []
     for modality in MODALITIES:
         source = SyntheticSource(modality, count=images_per_modality, size=size, seed=seed)
-        options = ConvertOptions(dataset=f"demo_{modality}", out_dir=pathlib.Path(out_dir),
+        options = ConvertOptions(dataset=f"demo_{modality}", out_dir=out_dir,
                                  shard_size=shard_size, workers=workers, seed=seed, progress=progress)
         manifests.append(convert(source, demo_key(seed), options).manifest)
     return manifests
