@@ -3,15 +3,18 @@ r"""MerMED-FM pretraining: config -> mesh -> data -> state -> loop, resumable at
   python -m mermed_jax.pretrain --config=configs/demo_cpu.py --workdir=/tmp/mermed_demo \
       --config.data.dirs="('demo_data/demo_ct', 'demo_data/demo_cxr')" --config.max_steps=200
 
-The workdir holds config.json (the resolved config), checkpoints/ (Orbax: state, Grain iterator
-per host, meta), metrics.jsonl and TensorBoard events, and profiler traces. Starting a job on a
-workdir with checkpoints resumes from the latest complete one. SIGTERM (or a TPU preemption
-notice) makes every host save at the same step boundary and exit 0.
+The workdir holds config.json (the resolved config), run.json (the run record), checkpoints/
+(Orbax: state, Grain iterator per host, meta), metrics/ (JSON-lines parts, read with
+metric_writers.read_metrics) and TensorBoard events, and profiler traces. It is a local path, a
+shared or gcsfuse-mounted filesystem, or a gs:// bucket (not s3://: Orbax cannot write there; the
+job refuses it before compiling). Starting a job on a workdir with checkpoints resumes from the
+latest complete one. SIGTERM (or a TPU preemption notice) makes every host save at the same step
+boundary and exit 0.
 """
 
 import json
 import logging
-import pathlib
+import os
 import sys
 import time
 
@@ -22,7 +25,7 @@ from absl import app, flags
 from clu import parameter_overview, periodic_actions
 from ml_collections import config_flags
 
-from data_pipelines import pipeline
+from data_pipelines import pipeline, storage
 from mermed_jax import distributed, sharding
 from mermed_jax.models import networks
 from mermed_jax.recipe.validation import validate_config
@@ -32,6 +35,7 @@ from mermed_jax.training import (
     flops,
     init_from_pretrained,
     metric_writers,
+    profiling,
     run_record,
     train_state,
     train_step,
@@ -50,21 +54,23 @@ def _progress_bar(total: int, start: int):
     return tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
-def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
+def train(config, workdir: str | os.PathLike) -> dict[str, float]:
     """Runs (or resumes) the job; returns the last logged metrics."""
-    workdir = pathlib.Path(workdir)
+    workdir = os.fspath(workdir)
     # ------------------------------------------------------------------ setup
+    checkpointing.check_workdir(workdir)  # seconds, where a bad location would fail after the compile
     validate_config(config, devices=jax.devices())
     if not config.data.dirs:
         raise ValueError("data.dirs: no dataset directories given (see data_pipelines/convert.py)")
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        storage.makedirs(workdir)
+        storage.write_text(storage.join(workdir, checkpointing.CONFIG_FILE), config.to_json_best_effort(indent=2))
     mesh = sharding.mesh_from_config(config.mesh)
     logging.info("mesh %s; the process of each device: %s", dict(mesh.shape),
                  np.vectorize(lambda d: d.process_index)(mesh.devices).tolist())
     # The input statistics and the run's length: fixed at the first start, kept on resume.
-    record = run_record.settle(workdir, config, resuming=bool(checkpointing.complete_steps(workdir / "checkpoints")))
+    resuming = bool(checkpointing.complete_steps(checkpointing.checkpoint_dir(workdir)))
+    record = run_record.settle(workdir, config, resuming=resuming)
     total_steps = record.total_steps
     stop_at = min(total_steps, config.max_steps or total_steps)
     schedules = build_schedules(config, record.steps_per_epoch)
@@ -123,12 +129,10 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
     logging.info("model FLOPs per step: %.3g (%s)", flops_per_step, {k: f"{v:.3g}" for k, v in flops_by_part.items()})
 
     # ------------------------------------------------------------------ loop
-    writer = metric_writers.make_writer(workdir)
+    writer = metric_writers.make_writer(workdir, start_step=start_step, flush_seconds=config.log_flush_seconds)
     hooks = [periodic_actions.ReportProgress(num_train_steps=stop_at, writer=writer, every_steps=config.log_every_steps)]
     if config.profile.every_steps and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile.num_steps,
-                                              every_steps=config.profile.every_steps, first_profile=config.profile.every_steps,
-                                              profile_duration_ms=None))
+        hooks.append(profiling.profile_hook(workdir, config.profile))
     bar = _progress_bar(stop_at, start_step)
     last_logged: dict[str, float] = {}
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -147,45 +151,47 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, float]:
 
     step = start_step
     preempted = False
-    while step < stop_at:
-        wait_start = time.perf_counter()
-        host_batch = next(data_iterator)
-        data_wait += time.perf_counter() - wait_start
-        batch = sharding.to_global(host_batch, batch_sharding)
-        state, step_metrics = compiled_step(state, batch, step_rng, schedules.at(step))
-        step += 1
-        window_steps += 1
-        for hook in hooks:
-            hook(step)
-        if bar is not None:
-            bar.update(1)
+    try:
+        while step < stop_at:
+            wait_start = time.perf_counter()
+            host_batch = next(data_iterator)
+            data_wait += time.perf_counter() - wait_start
+            batch = sharding.to_global(host_batch, batch_sharding)
+            state, step_metrics = compiled_step(state, batch, step_rng, schedules.at(step))
+            step += 1
+            window_steps += 1
+            for hook in hooks:
+                hook(step)
+            if bar is not None:
+                bar.update(1)
 
-        if step % config.log_every_steps == 0 or step == stop_at:
-            nonfinite_streak(step)
-            scalars = metric_writers.host_scalars(step_metrics)
-            elapsed = time.perf_counter() - window_start
-            scalars.update(flops.throughput_metrics(flops_per_step, elapsed / window_steps, config.global_batch, peak))
-            scalars.update({f"data/{k}": v for k, v in data_iterator.metrics().items()})
-            # The loader keeps up when this stays near 0: the step runs while the next batch loads.
-            scalars["data/wait_fraction"] = data_wait / elapsed
-            scalars["skipped_steps"] = float(state.skipped_steps)
-            writer.write_scalars(step, scalars)
-            last_logged = scalars
-            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            if step % config.log_every_steps == 0 or step == stop_at:
+                nonfinite_streak(step)
+                scalars = metric_writers.host_scalars(step_metrics)
+                elapsed = time.perf_counter() - window_start
+                scalars.update(flops.throughput_metrics(flops_per_step, elapsed / window_steps, config.global_batch, peak))
+                scalars.update({f"data/{k}": v for k, v in data_iterator.metrics().items()})
+                # The loader keeps up when this stays near 0: the step runs while the next batch loads.
+                scalars["data/wait_fraction"] = data_wait / elapsed
+                scalars["skipped_steps"] = float(state.skipped_steps)
+                writer.write_scalars(step, scalars)
+                last_logged = scalars
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
-        preempted = manager.reached_preemption(step)
-        if preempted or step % config.checkpoint.every_steps == 0 or step == stop_at:
-            if nonfinite_streak(step) and not preempted:
-                logging.warning("step %d: not saving in the middle of skipped non-finite updates", step)
-            else:
-                checkpointing.save(manager, step, state, data_iterator, meta)
-        if preempted:
-            logging.warning("preemption notice: saved step %d, exiting", step)
-            break
+            preempted = manager.reached_preemption(step)
+            if preempted or step % config.checkpoint.every_steps == 0 or step == stop_at:
+                if nonfinite_streak(step) and not preempted:
+                    logging.warning("step %d: not saving in the middle of skipped non-finite updates", step)
+                else:
+                    checkpointing.save(manager, step, state, data_iterator, meta)
+            if preempted:
+                logging.warning("preemption notice: saved step %d, exiting", step)
+                break
 
-    manager.wait_until_finished()
+        manager.wait_until_finished()
+    finally:
+        writer.close()  # what was logged reaches the workdir, also when the loop raised
     manager.close()
-    writer.flush()
     if bar is not None:
         bar.close()
     return {**last_logged, "step": float(step), "preempted": float(preempted)}

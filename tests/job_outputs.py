@@ -1,14 +1,10 @@
 """Reading back what a pretraining job wrote to its workdir, for the tests that run the job."""
 
-import json
-import pathlib
+import os
+
+from mermed_jax.training import metric_writers
 
 
-def losses_by_step(workdir: str | pathlib.Path) -> dict[int, float]:
-    """The last logged loss of each step (a resumed run logs again from its checkpoint on)."""
-    out = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+def losses_by_step(workdir: str | os.PathLike) -> dict[int, float]:
+    """The logged loss of each step, as the run stands (read_metrics drops what a resumed run redid)."""
+    return {record["step"]: record["loss"] for record in metric_writers.read_metrics(workdir) if "loss" in record}

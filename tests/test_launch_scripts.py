@@ -19,6 +19,7 @@ from repo import ROOT
 
 from data_pipelines.modalities import MODALITIES
 from data_pipelines.sources.synthetic import write_demo_data
+from mermed_jax.training import metric_writers
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 # Rehearsals of a pod launch (minutes of 2-process jobs each): `make test-long`, not `make test`.
@@ -121,7 +122,7 @@ def _env(tmp_path: pathlib.Path, bin_dir: pathlib.Path, **extra: str) -> dict:
 def _assert_trained(workdir: pathlib.Path) -> dict:
     config = json.loads((workdir / "config.json").read_text())
     assert (workdir / "checkpoints" / "2").is_dir()
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = metric_writers.read_metrics(workdir)
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # host 0 alone writes metrics
     return config
 

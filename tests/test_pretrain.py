@@ -2,7 +2,6 @@
 restoring onto another device count, and non-finite updates. Runs the real CLI in subprocesses."""
 
 import ast
-import json
 import os
 import pathlib
 import signal
@@ -22,7 +21,7 @@ from mermed_jax import pretrain, sharding
 from mermed_jax.interop.weight_export import export_params
 from mermed_jax.models import networks
 from mermed_jax.ssl import schedules as schedules_lib
-from mermed_jax.training import checkpointing, train_state
+from mermed_jax.training import checkpointing, metric_writers, train_state
 
 N = 4  # steps before the interruption; runs go to 2N
 JOB_TIMEOUT_S = 240.0  # the real CLI compiles for about half a minute before its first step
@@ -39,7 +38,7 @@ def data_dirs(tmp_path_factory):
 def _overrides(data_dirs, **extra) -> dict:
     values = {
         "data.dirs": repr(tuple(data_dirs)), "max_steps": 2 * N, "log_every_steps": 1,
-        "checkpoint.every_steps": N, "crops.num_local": 2, "model.depth": 1,
+        "checkpoint.every_steps": N, "crops.num_local": 2, "model.depth": 1, "log_flush_seconds": 0,
     }
     values.update(extra)
     return values
@@ -105,8 +104,7 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dirs):
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dirs):
     overrides = _overrides(data_dirs, max_steps=1000, **{"checkpoint.every_steps": 1000})
     proc = _start(tmp_path, overrides)
-    wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(losses_by_step(tmp_path)) >= 3, proc,
-             timeout=JOB_TIMEOUT_S)
+    wait_for(lambda: len(losses_by_step(tmp_path)) >= 3, proc, timeout=JOB_TIMEOUT_S)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     saved = _complete_steps(tmp_path)
@@ -198,7 +196,7 @@ def test_init_checkpoint_loads_into_student_and_teacher(tmp_path, data_dirs, tin
         scale = sum(float(np.linalg.norm(np.asarray(b))) for b in expected)
         assert distance < 0.02 * scale, name  # one small step (and one EMA step) away from the donor
     # the logged step carries the per-modality memory loss of every modality in the balanced batch
-    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = metric_writers.read_metrics(tmp_path / "run")[-1]
     for name in MODALITIES:
         assert np.isfinite(logged[f"memory_loss/{name}"]) and f"memory_fill/{name}" in logged, name
     assert 0.0 <= logged["data/wait_fraction"] <= 1.0

@@ -165,6 +165,9 @@ class Recipe:
     grad_accum_steps: int = key(1)  # micro-batches per optimiser step (train_step.make_train_step)
     max_steps: int | None = key(None, ge=0)  # stop early (the schedules still span all epochs)
     log_every_steps: int = key(50)
+    # How often logged metrics reach the workdir (metric_writers: whole part objects, which an object
+    # store needs); a crash loses at most this many seconds of them. 0: at every logged step.
+    log_flush_seconds: float = key(60.0, ge=0.0)
     max_skipped_steps: int = key(10)  # consecutive non-finite updates before the job stops
     # Peak FLOP/s per device for MFU; None: from the device kind (training/flops.py).
     peak_tflops_per_device: float | None = key(None, gt=0.0)

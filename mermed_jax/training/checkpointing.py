@@ -2,8 +2,12 @@
 statistics, memory queue with ids and pointers, step, skip counter), the Grain iterator of every
 host, and a small JSON record (seed and RNG key, process count, per-host batch).
 
-Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it), so a
-process killed mid-save leaves the previous checkpoint intact. The state restores onto any mesh:
+Saves are asynchronous and atomic, so a process killed mid-save leaves the previous checkpoint
+intact: on a local or shared filesystem Orbax writes a temporary directory and renames it; in a
+gs:// bucket, which has no rename, it writes the step's final name and marks it complete last
+(commit_success.txt). Completed steps are found with Orbax's own check of either mark
+(complete_steps), never by the name alone. Orbax has no s3:// support (it would write a local
+folder named "s3:"), so such a workdir is refused before anything compiles (check_workdir). The state restores onto any mesh:
 its arrays are restored with the shardings of the new run, and the memory's layout depends only
 on its logical shards. The data iterator restores exactly when the process count and per-host
 batch are unchanged; otherwise the caller restarts it deterministically from the seed and step.
@@ -21,7 +25,7 @@ import functools
 import json
 import logging
 import operator
-import pathlib
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -31,11 +35,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from data_pipelines import storage
 from mermed_jax import sharding
 from mermed_jax.training import train_state
 
 DIGEST_KEY = "state_digest"
+CONFIG_FILE = "config.json"  # the resolved config, written by pretrain at every start
 
 
 class CheckpointSaveError(RuntimeError):
@@ -86,10 +93,23 @@ class _Manager(ocp.CheckpointManager):
         )
 
 
-def complete_steps(directory: str | pathlib.Path) -> list[int]:
-    """Steps whose checkpoint directory was committed (renamed from its temporary name), from disk."""
-    root = pathlib.Path(directory)
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps whose checkpoint Orbax finalized, read from the directory: renamed from its temporary
+    name locally, marked by commit_success.txt in a bucket (a step still being written, or cut off
+    mid-save, has its final name there already)."""
+    return sorted(ocp.path.step.checkpoint_steps(storage.path(directory)))
+
+
+def check_workdir(workdir: str | os.PathLike, what: str = "the workdir", *, writable: bool = True) -> None:
+    """Refuses, before anything compiles or loads, a checkpoint location Orbax cannot use or the job
+    may not use: s3:// (no Orbax support), a missing bucket, denied requests."""
+    if os.fspath(workdir).startswith("s3://"):
+        raise storage.StorageError(
+            f"{os.fspath(workdir)}: {what} cannot be on s3://: its checkpoints are written by Orbax, which "
+            "has no S3 support (it would write a local folder named 's3:' instead). Put it on gs:// or a "
+            "shared filesystem (NFS, EFS, Lustre, or a gcsfuse mount such as /gcs/bucket/run). data.dirs, "
+            "evaluation outputs (--eval_dir) and exports (--out) may be on s3://.")
+    storage.check_bucket(workdir, writable=writable)
 
 
 def _leaf_digest(x: jax.Array) -> jax.Array:
@@ -196,7 +216,12 @@ class Restored:
     data_restored: bool
 
 
-def make_manager(workdir: pathlib.Path, checkpoint_config: Any) -> ocp.CheckpointManager:
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """WORKDIR/checkpoints, as the path type Orbax takes (absolute when local)."""
+    return storage.path(workdir) / "checkpoints"
+
+
+def make_manager(workdir: str | os.PathLike, checkpoint_config: Any) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=checkpoint_config.keep,
         keep_period=checkpoint_config.keep_period,
@@ -204,7 +229,7 @@ def make_manager(workdir: pathlib.Path, checkpoint_config: Any) -> ocp.Checkpoin
         cleanup_tmp_directories=True,
     )
     return _Manager(
-        pathlib.Path(workdir).absolute() / "checkpoints",
+        checkpoint_dir(workdir),
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
@@ -258,12 +283,14 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_config(workdir: str | pathlib.Path) -> Any:
-    """The resolved config a pretraining run wrote to its workdir."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a pretraining workdir (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+def load_config(workdir: str | os.PathLike) -> Any:
+    """The resolved config a pretraining run wrote to its workdir (the first thing evaluation and
+    export read, so an s3:// workdir is refused here, not by Orbax)."""
+    check_workdir(workdir, "a workdir to read checkpoints from", writable=False)
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path}: not a pretraining workdir (no {CONFIG_FILE})")
+    return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
 
 
 # What a teacher-only restore reads: the teacher's backbone; with the head, also the head and its
@@ -272,10 +299,10 @@ TEACHER_BACKBONE = (("teacher_params", "backbone"),)
 TEACHER_WITH_HEAD = (("teacher_params",), ("teacher_batch_stats",))
 
 
-def _open_step(workdir: str | pathlib.Path, step: int | None, state_handler: Any) -> tuple[ocp.CheckpointManager, int, bool]:
+def _open_step(workdir: str | os.PathLike, step: int | None, state_handler: Any) -> tuple[ocp.CheckpointManager, int, bool]:
     """A read-only manager of a workdir's checkpoints, the step to read (None: the latest complete
     one) and whether that step has the job's meta item."""
-    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    directory = checkpoint_dir(workdir)
     manager = ocp.CheckpointManager(
         directory,
         item_handlers={"state": state_handler, "meta": ocp.JsonCheckpointHandler()},
@@ -289,7 +316,7 @@ def _open_step(workdir: str | pathlib.Path, step: int | None, state_handler: Any
         raise FileNotFoundError(f"{directory}: {wanted} (have steps {list(steps)})")
     # A checkpoint written without the job's meta item (by hand, or a state-only export) has no
     # digest to check; the state itself still restores.
-    return manager, step, (directory / str(step) / "meta").is_dir()
+    return manager, step, storage.exists(directory / str(step) / "meta")
 
 
 def _restore_target(config: Any) -> Any:
@@ -299,7 +326,7 @@ def _restore_target(config: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
 
 
-def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, Any, int]:
+def load_train_state(workdir: str | os.PathLike, step: int | None = None) -> tuple[Any, Any, int]:
     """(state, config, step) of a pretraining checkpoint, all of it (optimiser and memory too),
     restored onto this process's devices (replicated). step=None takes the latest complete
     checkpoint. Evaluation and export need only the teacher: load_teacher reads a fraction of it."""
@@ -315,7 +342,7 @@ def load_train_state(workdir: str | pathlib.Path, step: int | None = None) -> tu
     return state, config, step
 
 
-def load_teacher(workdir: str | pathlib.Path, step: int | None = None, with_head: bool = False) -> tuple[dict, Any, int]:
+def load_teacher(workdir: str | os.PathLike, step: int | None = None, with_head: bool = False) -> tuple[dict, Any, int]:
     """(teacher, config, step): the teacher of a pretraining checkpoint and nothing else, for
     evaluation and export. teacher is {"teacher_params": {"backbone"}} (with_head: {"teacher_params":
     {"backbone", "head"}, "teacher_batch_stats": {...}}), indexed as the TrainState's fields are.

@@ -1,27 +1,99 @@
-"""Metric writers: TensorBoard (clu) and a JSON-lines file beside it, on process 0 only; other
-processes log nothing. Kept apart from flops.py because clu imports tensorflow."""
+"""Metric writers: JSON lines and TensorBoard events in the workdir on process 0, a log line per
+write everywhere. Kept apart from flops.py because clu imports tensorflow.
+
+Both go through data_pipelines.storage, so a bucket workdir (gs://, s3://) and a local one run the
+same code. An object store has no append, so neither stream grows one file: each is a series of
+*parts*, whole objects named by the first step they hold, zero-padded so that names sort by step:
+
+  WORKDIR/metrics/000000000001.jsonl          scalars as one JSON object per line
+  WORKDIR/events.out.tfevents.000000000001.mermed   TFRecord-framed Event protos (TensorBoard)
+
+A writer buffers its records and at a flush rewrites its current part whole (every
+`log_flush_seconds`, and at close); a part full of PART_RECORDS records is left as it is and the
+next flush starts another. A crash loses at most the records since the last flush, and no reader
+ever sees half an object. TensorBoard reads event files in name order, so it reads the parts in
+step order; tf.summary is not used because TensorFlow's file layer has no s3 and cannot be pointed
+at another GCS endpoint.
+
+A resumed run logs again from its checkpoint's step on. Its writers start new parts and delete
+the parts of the interrupted run that start after that step (nothing in them belongs to the run's
+history any more); `read_metrics` drops the interrupted run's records at or after the first step
+a later part holds, as TensorBoard purges events when steps go back.
+"""
+
+from __future__ import annotations
 
 import json
-import pathlib
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from clu import metric_writers
+from tensorboard.compat.proto import event_pb2, summary_pb2
+
+from data_pipelines import storage
+from data_pipelines.records import frame_record
+
+METRICS_DIR = "metrics"
+JSONL_SUFFIX = ".jsonl"
+LEGACY_JSONL = "metrics.jsonl"  # one appended file, as runs wrote it before parts
+EVENTS_PREFIX = "events.out.tfevents."
+EVENTS_SUFFIX = ".mermed"
+STEP_DIGITS = 12
+PART_RECORDS = 1000  # records per part: a flush rewrites at most this many (about 0.5 MB of JSON)
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-    """Scalars as one JSON object per line: easy to read back in tests and notebooks."""
+def _step_of(name: str, prefix: str, suffix: str) -> int | None:
+    """The first step a part's name gives, or None for any other name."""
+    digits = name[len(prefix):len(name) - len(suffix)]
+    ok = name.startswith(prefix) and name.endswith(suffix) and len(digits) == STEP_DIGITS and digits.isdigit()
+    return int(digits) if ok else None
 
-    def __init__(self, path: pathlib.Path):
-        self._file = open(path, "a", encoding="utf-8")
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+class _Parts:
+    """One stream of records kept as part objects `folder/prefix<first step>suffix` (module docstring)."""
+
+    def __init__(self, folder: str, prefix: str, suffix: str, header: Callable[[], bytes],
+                 flush_seconds: float, start_step: int):
+        self._folder, self._prefix, self._suffix = folder, prefix, suffix
+        self._header = header  # what every part begins with
+        self._flush_seconds = flush_seconds
+        self._records: list[bytes] = []  # the current part's, flushed or not
+        self._first_step: int | None = None
+        self._last_step: int | None = None
+        self._dirty = False
+        self._last_flush = time.monotonic()
+        for name in storage.listdir(folder):
+            first = _step_of(name, prefix, suffix)
+            if first is not None and first > start_step:  # written by a run this one resumes past
+                storage.remove(storage.join(folder, name))
+
+    def add(self, step: int, record: bytes) -> None:
+        # A full part closes only between steps, so that all records of a step share one part.
+        if len(self._records) >= PART_RECORDS and step != self._last_step:
+            self.flush()
+            self._records, self._first_step = [], None
+        if self._first_step is None:
+            self._first_step = step
+        self._records.append(record)
+        self._last_step = step
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self._flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            name = f"{self._prefix}{self._first_step:0{STEP_DIGITS}d}{self._suffix}"
+            storage.write_bytes(storage.join(self._folder, name), self._header() + b"".join(self._records))
+            self._dirty = False
+        self._last_flush = time.monotonic()
+
+
+class _ScalarsWriter(metric_writers.MetricWriter):
+    """A writer of scalars alone; the other kinds of summary are not logged by this project."""
 
     def write_summaries(self, step, values, metadata=None):
         del step, values, metadata
@@ -44,21 +116,80 @@ class JsonlWriter(metric_writers.MetricWriter):
     def write_hparams(self, hparams):
         del hparams
 
+
+class JsonlWriter(_ScalarsWriter):
+    """Scalars as one JSON object per line in WORKDIR/metrics/ parts: read them with read_metrics."""
+
+    def __init__(self, workdir: str | os.PathLike, *, start_step: int, flush_seconds: float):
+        self._parts = _Parts(storage.join(workdir, METRICS_DIR), "", JSONL_SUFFIX, lambda: b"", flush_seconds, start_step)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+        self._parts.add(int(step), (json.dumps(record) + "\n").encode("utf-8"))
+
     def flush(self) -> None:
-        self._file.flush()
+        self._parts.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._parts.flush()
 
 
-def make_writer(workdir: pathlib.Path) -> metric_writers.MetricWriter:
-    """TensorBoard + JSON lines (metrics.jsonl) on process 0; logging only elsewhere."""
+def _event(**fields: Any) -> bytes:
+    return frame_record(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+
+
+class EventWriter(_ScalarsWriter):
+    """Scalars as TensorBoard events (simple_value summaries) in WORKDIR/events.out.tfevents.* parts."""
+
+    def __init__(self, workdir: str | os.PathLike, *, start_step: int, flush_seconds: float):
+        header = lambda: _event(file_version="brain.Event:2")  # noqa: E731 - what TensorBoard expects first
+        self._parts = _Parts(os.fspath(workdir), EVENTS_PREFIX, EVENTS_SUFFIX, header, flush_seconds, start_step)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        self._parts.add(int(step), _event(step=int(step), summary=summary_pb2.Summary(value=values)))
+
+    def flush(self) -> None:
+        self._parts.flush()
+
+    def close(self) -> None:
+        self._parts.flush()
+
+
+def make_writer(workdir: str | os.PathLike, *, start_step: int, flush_seconds: float) -> metric_writers.MetricWriter:
+    """Log lines everywhere; on process 0 also the metric and event parts of the workdir.
+    start_step: the step the run starts (or resumes) from; flush_seconds: config.log_flush_seconds."""
     if jax.process_index() > 0:
-        return metric_writers.create_default_writer(str(workdir), just_logging=True)
+        return metric_writers.LoggingWriter()
     return metric_writers.MultiWriter([
-        metric_writers.create_default_writer(str(workdir), asynchronous=True),
-        JsonlWriter(workdir / "metrics.jsonl"),
+        metric_writers.LoggingWriter(),
+        JsonlWriter(workdir, start_step=start_step, flush_seconds=flush_seconds),
+        EventWriter(workdir, start_step=start_step, flush_seconds=flush_seconds),
     ])
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """Every logged record of a run as it stands, in order: the parts (after a metrics.jsonl of an
+    older run) concatenated, less the records an interrupted run logged past the checkpoint a later
+    start resumed from (at a part's first step, and wherever the steps go back, earlier records at
+    or after that step are dropped)."""
+    folder = storage.join(workdir, METRICS_DIR)
+    parts = [storage.join(folder, n) for n in storage.listdir(folder) if _step_of(n, "", JSONL_SUFFIX) is not None]
+    legacy = storage.join(workdir, LEGACY_JSONL)
+    kept: list[dict] = []
+    for part in ([legacy] if storage.exists(legacy) else []) + parts:
+        previous = None
+        for number, line in enumerate(storage.read_text(part).splitlines(), 1):
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{part}: line {number} is not a metrics record ({e})") from None
+            if previous is None or step < previous:
+                kept = [r for r in kept if r["step"] < step]
+            kept.append(record)
+            previous = step
+    return kept
 
 
 def host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
+import os
 
 import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines import normalization, stats
+from data_pipelines import normalization, stats, storage
 from mermed_jax.recipe import derived
 
 RUN_RECORD = "run.json"
@@ -69,13 +69,13 @@ def _rows(array: np.ndarray) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in row) for row in array)
 
 
-def load(workdir: str | pathlib.Path) -> RunRecord | None:
+def load(workdir: str | os.PathLike) -> RunRecord | None:
     """The saved record, or None for a new workdir or one written before records existed."""
-    path = pathlib.Path(workdir) / RUN_RECORD
-    if not path.is_file():
+    path = storage.join(workdir, RUN_RECORD)
+    if not storage.exists(path):
         return None
     try:
-        fields = json.loads(path.read_text())
+        fields = json.loads(storage.read_text(path))
         return RunRecord(**{k: _tuples(v) for k, v in fields.items()})
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: not a run record ({e}); it holds the run's input statistics and "
@@ -86,7 +86,7 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def settle(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, *, resuming: bool) -> RunRecord:
+def settle(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *, resuming: bool) -> RunRecord:
     """The run's record: the saved one on resume (with a warning for every value the config or
     data would now change), else a fresh one, written by process 0.
 
@@ -104,11 +104,7 @@ def settle(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, *, re
                         "its training measured on data.dirs", workdir, RUN_RECORD)
     if saved is None:
         if jax.process_index() == 0:
-            path = pathlib.Path(workdir) / RUN_RECORD
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(dataclasses.asdict(fresh), indent=1))
-            tmp.replace(path)
+            storage.write_text(storage.join(workdir, RUN_RECORD), json.dumps(dataclasses.asdict(fresh), indent=1))
         logging.info("run record: %d training images, %d steps per epoch, %d steps, pixel statistics: %s",
                      fresh.train_images, fresh.steps_per_epoch, fresh.total_steps, fresh.pixel_stats_source)
         return fresh
