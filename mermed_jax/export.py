@@ -20,11 +20,11 @@ without it, from the config JSON beside the checkpoint. Everything passes throug
 a file that does not fit the config is refused before anything is written.
 
 Exactly one of --workdir and --checkpoint. --with_head also exports the projection head (and its
-BatchNorm statistics).
+BatchNorm statistics). Every location may be local or a bucket URL: --out and --checkpoint gs:// or
+s3://, --workdir gs:// (pretraining workdirs cannot be on s3://).
 """
 import json
 import os
-import pathlib
 
 import jax
 import ml_collections
@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipelines import storage
 from data_pipelines.modalities import MODALITIES
 from mermed_jax.eval import encoders
 from mermed_jax.interop.files import CheckpointError
@@ -50,11 +51,11 @@ from mermed_jax.models.vit import ViTConfig
 from mermed_jax.training import checkpointing
 
 
-def _configs_from_json(checkpoint: pathlib.Path) -> tuple[ViTConfig, HeadConfig | None, dict | None]:
+def _configs_from_json(checkpoint: str) -> tuple[ViTConfig, HeadConfig | None, dict | None]:
     meta_path = config_path(checkpoint)
-    if not meta_path.is_file():
+    if not storage.exists(meta_path):
         raise CheckpointError(f"{checkpoint}: no --config given and no config JSON beside it ({meta_path})")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(storage.read_text(meta_path))
     model = ViTConfig(**{field: meta["model"][field] for field in ARCH_FIELDS}, dtype="float32")
     head = HeadConfig(**meta["head"]) if meta.get("head") else None
     return model, head, meta.get("normalization")
@@ -63,9 +64,9 @@ def _configs_from_json(checkpoint: pathlib.Path) -> tuple[ViTConfig, HeadConfig 
 def export_checkpoint(
     checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str,
     config: ml_collections.ConfigDict | None = None, with_head: bool = False,
-) -> pathlib.Path:
+) -> str:
     """Import `checkpoint` for the architecture of `config` (or its JSON) and export it; returns the JSON path."""
-    checkpoint = pathlib.Path(checkpoint)
+    checkpoint = os.fspath(checkpoint)
     normalization = None
     if config is not None:
         model_config, head_config = backbone_config(config, teacher=True), HeadConfig(**config.head.to_dict())
@@ -89,7 +90,7 @@ def export_checkpoint(
 
 def export_workdir(
     workdir: str | os.PathLike, out: str | os.PathLike, fmt: str, step: int | None = None, with_head: bool = False,
-) -> tuple[pathlib.Path, int]:
+) -> tuple[str, int]:
     """Export the teacher of a pretraining checkpoint (step None: the latest), read alone, with the
     run's architecture and pixel statistics; returns the JSON path and the step exported."""
     check_output(out, fmt)  # before the checkpoint is read
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if (f.workdir is None) == (f.checkpoint is None):
         raise app.UsageError("give exactly one of --workdir (a pretraining run) and --checkpoint (a weights file)")
+    storage.check_bucket(f.out, writable=True)  # a missing bucket or permission, before anything is read
     if f.workdir is not None:
         if f.config is not None:
             raise app.UsageError("--config is for --checkpoint; a --workdir export takes the run's own config.json")

@@ -9,13 +9,13 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.modalities import MODALITIES, modality_id
 from mermed_jax.interop.files import CheckpointError
 from mermed_jax.interop.importer import load_weights
@@ -64,11 +64,10 @@ class ExportedEncoder:
 
 def load_encoder(path: str | os.PathLike) -> ExportedEncoder:
     """An ExportedEncoder from an export (.msgpack, .safetensors or .pth) and the config JSON beside it."""
-    path = pathlib.Path(path)
     meta_path = config_path(path)
-    if not meta_path.is_file():
+    if not storage.exists(meta_path):
         raise CheckpointError(f"{path}: no config JSON beside it ({meta_path}); export with mermed_jax.export")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(storage.read_text(meta_path))
     config = ViTConfig(**{field: meta["model"][field] for field in ARCH_FIELDS}, dtype="float32")
     weights = load_weights(path, config)
     if weights.report.missing:

@@ -2,19 +2,23 @@
 
 safetensors and msgpack hold only arrays by construction. A .pth is a pickle, so it is read only
 through torch.load(weights_only=True), torch's restricted unpickler, and only when torch is
-installed: without torch we refuse rather than fall back to `pickle`. Writes go to a temporary
-file that is renamed into place, so an interrupted export never leaves a half-written file under
-the final name.
+installed: without torch we refuse rather than fall back to `pickle`.
+
+Every file is read and written whole through data_pipelines.storage, so a weight file may be local
+or in a bucket (gs://, s3://). A write never leaves half a file under the final name (a temporary
+file renamed locally, a whole-object upload in a bucket).
 """
 
+import io
 import os
-import pathlib
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import serialization
 
+from data_pipelines import storage
 from mermed_jax.interop.trees import Tree
 
 SAFETENSORS = ".safetensors"
@@ -34,13 +38,22 @@ def _torch():
     return torch
 
 
-def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     # ml_dtypes registers numpy's "bfloat16", without which safetensors.numpy cannot read bf16 files.
     import ml_dtypes  # noqa: F401, PLC0415
     from safetensors import numpy as st_numpy  # noqa: PLC0415 - keeps import of this module light
 
     try:
-        return dict(st_numpy.load_file(str(path)))
+        if not storage.is_remote(path):
+            return dict(st_numpy.load_file(os.fspath(path)))
+        # safetensors.numpy.load(bytes) knows no bfloat16; load_file does, so a bucket's file goes
+        # through a local temporary copy.
+        with tempfile.NamedTemporaryFile(suffix=SAFETENSORS) as local:
+            local.write(storage.read_bytes(path))
+            local.flush()
+            return dict(st_numpy.load_file(local.name))
+    except storage.StorageError:
+        raise
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 
@@ -57,7 +70,7 @@ def _torch_to_numpy(torch, obj: Any, prefix: str, out: dict[str, np.ndarray]) ->
         out[prefix[:-1]] = tensor.numpy()
 
 
-def read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     torch = _torch()
     if torch is None:
         raise CheckpointError(
@@ -65,8 +78,9 @@ def read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
             "is not installed. Install torch, or convert the file to .safetensors; it is never "
             "unpickled any other way."
         )
+    data = storage.read_bytes(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for corrupt zips
         raise CheckpointError(f"{path}: torch.load(weights_only=True) refused the file ({type(e).__name__}: {e})") from e
     out: dict[str, np.ndarray] = {}
@@ -76,23 +90,23 @@ def read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A PyTorch-style flat {dotted name: array} from .safetensors or a torch pickle."""
-    path = pathlib.Path(path)
-    if not path.is_file():
+    if not storage.exists(path):
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == SAFETENSORS:
+    suffix = storage.path(path).suffix
+    if suffix == SAFETENSORS:
         return read_safetensors(path)
-    if path.suffix in TORCH_SUFFIXES:
+    if suffix in TORCH_SUFFIXES:
         return read_torch(path)
-    raise CheckpointError(f"{path}: unknown weight format {path.suffix!r}; expected {SAFETENSORS} or one of {TORCH_SUFFIXES}")
+    raise CheckpointError(f"{path}: unknown weight format {suffix!r}; expected {SAFETENSORS} or one of {TORCH_SUFFIXES}")
 
 
 def read_msgpack(path: str | os.PathLike) -> Tree:
     """A nested dict of arrays written by flax.serialization (msgpack_restore builds no objects)."""
-    path = pathlib.Path(path)
+    if not storage.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    data = storage.read_bytes(path)
     try:
-        tree = serialization.msgpack_restore(path.read_bytes())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
+        tree = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises ExtraData, ValueError, ... on corrupt bytes
         raise CheckpointError(f"{path}: not a readable msgpack file ({type(e).__name__}: {e})") from e
     if not isinstance(tree, dict):
@@ -120,31 +134,22 @@ def check_param_tree(tree: Any, source: str, at: tuple[str, ...]) -> None:
             raise CheckpointError(f"{source}: {where!r} is {found}, not a numeric array: not a parameter tree")
 
 
-def _atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
     from safetensors import numpy as st_numpy  # noqa: PLC0415
 
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    _atomic_write(path, lambda f: st_numpy.save_file(arrays, f, metadata=dict(metadata)))
+    storage.write_bytes(path, st_numpy.save(arrays, metadata=dict(metadata)))
 
 
-def write_torch(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
+def write_torch(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
     torch = _torch()
     if torch is None:
         raise CheckpointError(f"{path}: writing a .pth needs torch, which is not installed; export to safetensors instead")
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
-    _atomic_write(path, lambda f: torch.save(state, f))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes(path, buffer.getvalue())
 
 
-def write_msgpack(path: pathlib.Path, tree: Tree) -> None:
-    data = serialization.msgpack_serialize(tree)
-    _atomic_write(path, lambda f: pathlib.Path(f).write_bytes(data))
+def write_msgpack(path: str | os.PathLike, tree: Tree) -> None:
+    storage.write_bytes(path, serialization.msgpack_serialize(tree))

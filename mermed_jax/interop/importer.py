@@ -7,7 +7,6 @@ TrainState is training's business and lives there, not here.
 """
 
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,11 +108,11 @@ def load_weights(
     path: str | os.PathLike, config: ViTConfig, head_config: HeadConfig | None = None, *, strict: bool = False
 ) -> ImportedWeights:
     """Our arrays from a .msgpack export or a PyTorch .safetensors/.pth; `strict` refuses any mismatch."""
-    path = pathlib.Path(path)
-    if path.suffix == files.MSGPACK:
-        weights = import_msgpack_tree(files.read_msgpack(path), config, head_config, str(path))
+    source = os.fspath(path)  # a local path or a bucket URL (files reads both)
+    if source.endswith(files.MSGPACK):
+        weights = import_msgpack_tree(files.read_msgpack(source), config, head_config, source)
     else:
-        weights = import_state_dict(files.read_state_dict(path), config, head_config, str(path))
+        weights = import_state_dict(files.read_state_dict(source), config, head_config, source)
     if strict and not weights.report.clean:
         raise CheckpointError(f"strict import failed:\n{weights.report.summary()}")
     return weights

@@ -11,12 +11,11 @@ the head for a pure timm encoder. msgpack keeps our own tree, in the layout it w
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
-from data_pipelines import normalization
+from data_pipelines import normalization, storage
 from data_pipelines.modalities import MODALITIES
 from mermed_jax.interop import files, timm_names
 from mermed_jax.interop.trees import (
@@ -42,9 +41,9 @@ _TIMM_NAMES = {
 }
 
 
-def config_path(weights_path: str | os.PathLike) -> pathlib.Path:
-    """The config JSON beside a weights file: model.safetensors -> model.json."""
-    return pathlib.Path(weights_path).with_suffix(".json")
+def config_path(weights_path: str | os.PathLike) -> str:
+    """The config JSON beside a weights file (a path or a bucket URL): model.safetensors -> model.json."""
+    return os.fspath(storage.path(weights_path).with_suffix(".json"))
 
 
 def timm_spec(config: ViTConfig) -> dict[str, Any]:
@@ -113,12 +112,13 @@ def _normalization(pixel_mean: np.ndarray | None, pixel_std: np.ndarray | None) 
     return {m: {"mean": mean[i].tolist(), "std": std[i].tolist()} for i, m in enumerate(MODALITIES)}
 
 
-def check_output(out_path: str | os.PathLike, fmt: str) -> pathlib.Path:
-    """The export's path, refused before any work when `fmt` is unknown or the suffix is not its."""
-    out_path = pathlib.Path(out_path)
+def check_output(out_path: str | os.PathLike, fmt: str) -> str:
+    """The export's location (a path or a bucket URL), refused before any work when `fmt` is unknown
+    or the suffix is not its."""
+    out_path = os.fspath(out_path)
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: expected one of {sorted(FORMATS)}")
-    if out_path.suffix != FORMATS[fmt]:
+    if storage.path(out_path).suffix != FORMATS[fmt]:
         raise ValueError(f"{out_path}: a {fmt} export must end in {FORMATS[fmt]}")
     return out_path
 
@@ -133,8 +133,9 @@ def export_params(
     head_batch_stats: Tree | None = None,
     pixel_mean: np.ndarray | None = None,
     pixel_std: np.ndarray | None = None,
-) -> pathlib.Path:
-    """Writes the weights to `out_path` and their config JSON beside it; returns the JSON's path.
+) -> str:
+    """Writes the weights to `out_path` (a path or a bucket URL) and their config JSON beside it;
+    returns the JSON's location.
 
     pixel_mean/pixel_std: [NUM_MODALITIES, 3] (or [3]) statistics of [0, 1] pixels, as the train
     step uses them; ImageNet's when omitted.
@@ -162,7 +163,7 @@ def export_params(
             files.write_torch(out_path, tensors)
     meta = {
         "format": fmt,
-        "weights": out_path.name,
+        "weights": storage.path(out_path).name,
         "model": {field: getattr(model_config, field) for field in ARCH_FIELDS},
         "scan_layers": fmt == "msgpack" and "blocks" in backbone,
         "head": dataclasses.asdict(head_config_of(head)) if head is not None else None,
@@ -170,5 +171,5 @@ def export_params(
         "normalization": _normalization(pixel_mean, pixel_std),
     }
     json_path = config_path(out_path)
-    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    storage.write_text(json_path, json.dumps(meta, indent=2) + "\n")
     return json_path
