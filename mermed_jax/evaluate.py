@@ -13,13 +13,15 @@ stops after `watch.idle_timeout_seconds` without one). --export evaluates an exp
 evaluates the config's baselines (a randomly initialised network of the same architecture and raw
 pixels). Results go to --eval_dir (default WORKDIR/eval/<config.name>): results.csv (one row per
 encoder x dataset x protocol x feature x label fraction x seed; a rerun skips rows already there),
-summary.csv, results.md, plots, and features/ (the cached features).
+summary.csv, results.md, plots, and features/ (the cached features). Every location may be local
+or a bucket URL: --workdir gs:// (pretraining workdirs cannot be on s3://), --eval_dir and --export
+gs:// or s3://.
 """
 
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 import time
 
 import jax
@@ -27,6 +29,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipelines import storage
 from mermed_jax import distributed, sharding
 from mermed_jax.eval import encoders as encoders_lib
 from mermed_jax.eval import report, sweep
@@ -61,7 +64,7 @@ def with_baselines(config: ml_collections.ConfigDict, encoders: list[encoders_li
     return out
 
 
-def evaluate(config: ml_collections.ConfigDict, encoders: list[encoders_lib.Encoder], eval_dir: pathlib.Path) -> str:
+def evaluate(config: ml_collections.ConfigDict, encoders: list[encoders_lib.Encoder], eval_dir: str | os.PathLike) -> str:
     """Runs (or resumes) the sweep over `encoders` and the baselines; returns the markdown report."""
     mesh = sharding.make_mesh((-1, 1, 1))
     rows = sweep.run_sweep(config, with_baselines(config, encoders), eval_dir, mesh)
@@ -70,7 +73,7 @@ def evaluate(config: ml_collections.ConfigDict, encoders: list[encoders_lib.Enco
     return report.write_report(eval_dir, rows, plots=config.plots)
 
 
-def watch(config: ml_collections.ConfigDict, workdir: str, eval_dir: pathlib.Path) -> None:
+def watch(config: ml_collections.ConfigDict, workdir: str, eval_dir: str | os.PathLike) -> None:
     """Evaluates each new checkpoint of a running job until none appears for the idle timeout."""
     seen: set[int] = set()
     last_new = time.monotonic()
@@ -95,11 +98,12 @@ def main(argv: list[str]) -> None:
     if (workdir is None) == (export is None):
         raise app.UsageError("give exactly one of --workdir (checkpoints) or --export (an exported file)")
     if flags.FLAGS.eval_dir:
-        eval_dir = pathlib.Path(flags.FLAGS.eval_dir)
+        eval_dir = flags.FLAGS.eval_dir
     elif workdir:
-        eval_dir = pathlib.Path(workdir) / "eval" / config.name
+        eval_dir = storage.join(workdir, "eval", config.name)
     else:
         raise app.UsageError("--export needs --eval_dir")
+    storage.check_bucket(eval_dir, writable=True)  # before any checkpoint is read or feature extracted
     distributed.initialize()
     if export:
         print(evaluate(config, [encoders_lib.from_export(export)], eval_dir))

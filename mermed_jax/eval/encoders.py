@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from data_pipelines import normalization as normalization_tables
-from data_pipelines import stats
+from data_pipelines import stats, storage
 from mermed_jax.models import networks
 from mermed_jax.models.vit import ViT, ViTConfig
 from mermed_jax.training import checkpointing, run_record
@@ -40,18 +39,13 @@ class Encoder:
     pixel_std: np.ndarray
 
 
-def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     """Steps of the complete checkpoints of a pretraining workdir, ascending."""
-    directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        return []
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    steps = sorted(manager.all_steps())
-    manager.close()
-    return steps
+    checkpointing.check_workdir(workdir, "a workdir to read checkpoints from", writable=False)
+    return checkpointing.complete_steps(checkpointing.checkpoint_dir(workdir))
 
 
-def pixel_statistics(workdir: str | pathlib.Path, pretrain_config: ml_collections.ConfigDict,
+def pixel_statistics(workdir: str | os.PathLike, pretrain_config: ml_collections.ConfigDict,
                      normalization: str) -> tuple[np.ndarray, np.ndarray]:
     """The per-modality pixel mean/std to evaluate with: 'pretrain', those the run was trained
     with (its run record; the training data need not be here); or a fixed table, 'official'
@@ -65,10 +59,10 @@ def pixel_statistics(workdir: str | pathlib.Path, pretrain_config: ml_collection
         return record.stats()
     # A workdir written before runs saved their record: its training measured the data's statistics.
     dirs = tuple(pretrain_config.data.dirs)
-    missing = [d for d in dirs if not pathlib.Path(d).is_dir()]
+    missing = [d for d in dirs if not storage.exists(d)]
     if missing:
         raise FileNotFoundError(
-            f"normalization='pretrain': {pathlib.Path(workdir) / run_record.RUN_RECORD} does not exist (a run "
+            f"normalization='pretrain': {storage.join(workdir, run_record.RUN_RECORD)} does not exist (a run "
             f"from before run records) and its data.dirs {missing} are not here to measure; run from the "
             f"pretraining directory or set normalization to 'official' or 'imagenet'")
     logging.warning("%s has no %s (written before run records): measuring the statistics of its data.dirs, "
@@ -81,7 +75,7 @@ def eval_vit_config(pretrain_config: ml_collections.ConfigDict) -> ViTConfig:
     return dataclasses.replace(networks.backbone_config(pretrain_config, teacher=True), dtype="float32")
 
 
-def from_checkpoint(workdir: str | pathlib.Path, step: int | None, normalization: str = "pretrain") -> Encoder:
+def from_checkpoint(workdir: str | os.PathLike, step: int | None, normalization: str = "pretrain") -> Encoder:
     """The teacher backbone of a checkpoint (step None: the latest complete one), read alone: the
     optimiser, student and memory stay on disk."""
     teacher, config, step = checkpointing.load_teacher(workdir, step)
@@ -106,7 +100,7 @@ def raw_pixels(like: Encoder) -> Encoder:
     return Encoder(PIXELS, PIXELS, None, None, like.pixel_mean, like.pixel_std)
 
 
-def from_export(path: str | pathlib.Path) -> Encoder:
+def from_export(path: str | os.PathLike) -> Encoder:
     """An exported backbone (msgpack, safetensors or .pth with its config JSON), through the
     interop package's loader, which carries the export's own pixel statistics."""
     from mermed_jax.interop.exported_encoder import (
@@ -115,5 +109,5 @@ def from_export(path: str | pathlib.Path) -> Encoder:
 
     loaded = load_encoder(path)
     logging.info("loaded exported encoder %s", path)
-    return Encoder(f"export_{pathlib.Path(path).stem}", "export", loaded.config, loaded.params,
+    return Encoder(f"export_{storage.path(path).stem}", "export", loaded.config, loaded.params,
                    np.asarray(loaded.pixel_mean, np.float32), np.asarray(loaded.pixel_std, np.float32))

@@ -16,15 +16,16 @@ import functools
 import hashlib
 import json
 import logging
-import pathlib
+import os
 
 import cv2
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data_pipelines import eval_pipeline, records
+from data_pipelines import eval_pipeline, records, storage
 from mermed_jax import sharding
+from mermed_jax.eval import npz
 from mermed_jax.eval.encoders import PIXELS, Encoder
 from mermed_jax.models.vit import ViT, ViTConfig
 from mermed_jax.preprocess import normalize_images
@@ -143,21 +144,19 @@ def _fingerprint(encoder: Encoder, data: eval_pipeline.EvalConfig, pixel_size: i
     ), sort_keys=True)
 
 
-def cached_features(cache_root: pathlib.Path, encoder: Encoder, dataset: str, data: eval_pipeline.EvalConfig,
+def cached_features(cache_root: str | os.PathLike, encoder: Encoder, dataset: str, data: eval_pipeline.EvalConfig,
                     mesh: jax.sharding.Mesh, pixel_size: int = 16) -> FeatureSet:
-    """Features from cache_root/<encoder tag>/<dataset>/<split>.npz, extracted when absent or stale."""
-    path = pathlib.Path(cache_root) / encoder.tag / dataset / f"{data.split}.npz"
+    """Features from cache_root/<encoder tag>/<dataset>/<split>.npz (any location), extracted when
+    absent or stale."""
+    path = storage.join(cache_root, encoder.tag, dataset, f"{data.split}.npz")
     fingerprint = _fingerprint(encoder, data, pixel_size)
-    if path.is_file():
-        with np.load(path) as npz:
-            if str(npz["fingerprint"]) == fingerprint:
-                names = [k for k in npz.files if k not in ("labels", "modality", "fingerprint")]
-                return FeatureSet({k: npz[k] for k in names}, npz["labels"], npz["modality"])
+    if storage.exists(path):
+        cached = npz.load(path)
+        if str(cached["fingerprint"]) == fingerprint:
+            names = [k for k in cached if k not in ("labels", "modality", "fingerprint")]
+            return FeatureSet({k: cached[k] for k in names}, cached["labels"], cached["modality"])
         logging.warning("%s: cached features were computed from other inputs; recomputing", path)
     found = extract(encoder, data, mesh, pixel_size)
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, labels=found.labels, modality=found.modality, fingerprint=np.asarray(fingerprint), **found.features)
-        tmp.replace(path)
+        npz.save(path, labels=found.labels, modality=found.modality, fingerprint=np.asarray(fingerprint), **found.features)
     return found

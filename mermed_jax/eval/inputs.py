@@ -9,14 +9,13 @@ writes a loader of the same `SplitLoader` signature on top of `three_splits`.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines import eval_pipeline, records
+from data_pipelines import eval_pipeline, records, storage
 from mermed_jax.eval import subsets
 from mermed_jax.eval.encoders import PIXELS, Encoder
 from mermed_jax.eval.features import FeatureSet, cached_features
@@ -36,7 +35,7 @@ class Dataset:
 
 # (config, dataset, encoder, eval_dir, mesh) -> {"train", "val", "test"}: the sweep loads each loader
 # once per encoder and dataset, so protocols naming the same loader share one load.
-SplitLoader = Callable[[ml_collections.ConfigDict, Dataset, Encoder, pathlib.Path, jax.sharding.Mesh],
+SplitLoader = Callable[[ml_collections.ConfigDict, Dataset, Encoder, str, jax.sharding.Mesh],
                        dict[str, FeatureSet]]
 
 
@@ -68,12 +67,12 @@ def three_splits(config: ml_collections.ConfigDict, dataset: Dataset,
     return {name: merged.take(idx) for name, idx in zip(SPLITS, chosen)}
 
 
-def feature_splits(config: ml_collections.ConfigDict, dataset: Dataset, encoder: Encoder, eval_dir: pathlib.Path,
+def feature_splits(config: ml_collections.ConfigDict, dataset: Dataset, encoder: Encoder, eval_dir: str,
                    mesh: jax.sharding.Mesh) -> dict[str, FeatureSet]:
     """Frozen features of every split, cached under eval_dir/features."""
     d = config.data
     return three_splits(config, dataset, lambda split: cached_features(
-        eval_dir / "features", encoder, dataset.name,
+        storage.join(eval_dir, "features"), encoder, dataset.name,
         pipeline_config(config, dataset.directory, split, d.image_size, d.crop_fraction), mesh, config.pixel_size))
 
 

@@ -5,14 +5,17 @@ the test embeddings coloured by modality and by label).
 
 CIs: over seeds (Student t) when a row has several seeds; otherwise the bootstrap CI of its test
 set, and the table says which.
+
+Everything is written whole through data_pipelines.storage (plots rendered to PNG bytes first), so
+the evaluation directory may be local or a bucket.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
+import io
 import math
-import pathlib
+import os
 
 import matplotlib
 
@@ -22,7 +25,9 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
+from data_pipelines import storage  # noqa: E402
 from data_pipelines.modalities import MODALITIES  # noqa: E402
+from mermed_jax.eval import npz, sweep  # noqa: E402
 from mermed_jax.eval.metrics import mean_ci, one_hot  # noqa: E402
 
 GROUP = ("encoder", "dataset", "protocol", "feature", "label_fraction")
@@ -97,7 +102,15 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_bars(summary: list[dict], path: pathlib.Path) -> None:
+def _save(fig: plt.Figure, path: str) -> None:
+    """The figure as a PNG at `path` (any location); the figure is closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def _plot_bars(summary: list[dict], path: str) -> None:
     encoders = _encoders(summary)
     full = [s for s in summary if float(s["label_fraction"]) == 1.0]
     settings = sorted({(s["protocol"], s["feature"]) for s in full if s["encoder"] == encoders[0]})
@@ -122,11 +135,10 @@ def _plot_bars(summary: list[dict], path: pathlib.Path) -> None:
     ax.set_title(f"{protocol} ({feature}), all training labels")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def _plot_roc(rows: list[dict], eval_dir: pathlib.Path, path: pathlib.Path) -> None:
+def _plot_roc(rows: list[dict], eval_dir: str, path: str) -> None:
     """Micro-averaged one-vs-rest ROC per dataset, one curve per encoder (first seed, all labels)."""
     chosen = {}
     for r in rows:
@@ -142,11 +154,11 @@ def _plot_roc(rows: list[dict], eval_dir: pathlib.Path, path: pathlib.Path) -> N
         for (d, enc), r in sorted(chosen.items()):
             if d != dataset:
                 continue
-            score_path = eval_dir / "scores" / enc / d / f"{r['protocol']}_{r['feature']}_f{float(r['label_fraction']):g}_s{r['seed']}.npz"
-            if not score_path.is_file():
+            score_path = sweep.scores_path(eval_dir, r)
+            if not storage.exists(score_path):
                 continue
-            with np.load(score_path) as npz:
-                labels, scores = npz["labels"], npz["scores"]
+            saved = npz.load(score_path)
+            labels, scores = saved["labels"], saved["scores"]
             targets = one_hot(labels, scores.shape[1]) if labels.ndim == 1 else labels
             fpr, tpr, _ = skm.roc_curve(targets.ravel(), scores.ravel())
             ax.plot(fpr, tpr, label=f"{enc} ({r['protocol']})")
@@ -156,11 +168,10 @@ def _plot_roc(rows: list[dict], eval_dir: pathlib.Path, path: pathlib.Path) -> N
     for ax in axes.ravel()[len(datasets):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def _plot_fractions(summary: list[dict], path: pathlib.Path) -> None:
+def _plot_fractions(summary: list[dict], path: str) -> None:
     fractions = {float(s["label_fraction"]) for s in summary}
     if len(fractions) < 2:
         return
@@ -184,22 +195,24 @@ def _plot_fractions(summary: list[dict], path: pathlib.Path) -> None:
         ax.set_title(dataset, fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def _plot_embedding(eval_dir: pathlib.Path, encoder: str, path: pathlib.Path, feature: str = "cls") -> None:
+def _plot_embedding(eval_dir: str, encoder: str, path: str, feature: str = "cls") -> None:
     """PCA of the cached test features of `encoder` over all datasets: by modality and by label."""
-    files = sorted((eval_dir / "features" / encoder).glob("*/test.npz"))
+    folder = storage.join(eval_dir, "features", encoder)
+    files = [storage.join(folder, d, "test.npz") for d in storage.listdir(folder)]
     feats, modality, labels = [], [], []
     for f in files:
-        with np.load(f) as npz:
-            if feature not in npz.files:
-                continue
-            feats.append(npz[feature])
-            modality.append(npz["modality"])
-            lab = npz["labels"]
-            labels.append(lab if lab.ndim == 1 else np.where(lab.any(1), lab.argmax(1), -1))
+        if not storage.exists(f):
+            continue
+        cached = npz.load(f)
+        if feature not in cached:
+            continue
+        feats.append(cached[feature])
+        modality.append(cached["modality"])
+        lab = cached["labels"]
+        labels.append(lab if lab.ndim == 1 else np.where(lab.any(1), lab.argmax(1), -1))
     if not feats or sum(len(f) for f in feats) < 3:
         return
     xy = PCA(2).fit_transform(np.concatenate(feats))
@@ -212,24 +225,20 @@ def _plot_embedding(eval_dir: pathlib.Path, encoder: str, path: pathlib.Path, fe
     axes[1].scatter(*xy.T, s=6, c=labels, cmap="tab10")
     axes[1].set_title("by label (first label of multi-label rows)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def write_report(eval_dir: pathlib.Path, rows: list[dict], plots: bool = True) -> str:
-    """Writes summary.csv, results.md and the plots into eval_dir; returns the markdown."""
-    eval_dir = pathlib.Path(eval_dir)
+def write_report(eval_dir: str | os.PathLike, rows: list[dict], plots: bool = True) -> str:
+    """Writes summary.csv, results.md and the plots into eval_dir (any location); returns the markdown."""
+    eval_dir = os.fspath(eval_dir)
     summary = summarize(rows)
     if summary:
-        with open(eval_dir / "summary.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, list(summary[0]))
-            writer.writeheader()
-            writer.writerows(summary)
+        sweep.write_csv(storage.join(eval_dir, "summary.csv"), list(summary[0]), summary)
     text = markdown(summary)
-    (eval_dir / "results.md").write_text(text)
+    storage.write_text(storage.join(eval_dir, "results.md"), text)
     if plots and summary:
-        _plot_bars(summary, eval_dir / "auroc_bars.png")
-        _plot_roc(rows, eval_dir, eval_dir / "roc_curves.png")
-        _plot_fractions(summary, eval_dir / "auroc_vs_fraction.png")
-        _plot_embedding(eval_dir, _encoders(summary)[0], eval_dir / "embedding_map.png")
+        _plot_bars(summary, storage.join(eval_dir, "auroc_bars.png"))
+        _plot_roc(rows, eval_dir, storage.join(eval_dir, "roc_curves.png"))
+        _plot_fractions(summary, storage.join(eval_dir, "auroc_vs_fraction.png"))
+        _plot_embedding(eval_dir, _encoders(summary)[0], storage.join(eval_dir, "embedding_map.png"))
     return text

@@ -1,9 +1,10 @@
 """A sweep: encoders x datasets x protocols x features x label fractions x seeds, one row each in
 EVAL_DIR/results.csv, resumable.
 
-Each finished row is appended to results.csv at once, with the test labels and scores beside it
+Each finished row is written to results.csv at once, with the test labels and scores beside it
 (EVAL_DIR/scores/...npz, for ROC curves), so a sweep that dies loses at most the row it was on; a
-rerun skips every row whose key is already in the file. Protocols come from the registry
+rerun skips every row whose key is already in the file. EVAL_DIR may be a bucket, which has no
+append: results.csv is rewritten whole with each new row (it holds a few hundred rows at most). Protocols come from the registry
 (mermed_jax/eval/protocols) by the names in config.protocols; each says which rows it plans, what
 inputs they run on and how a row is scored, so this module names none of them. Rows of a
 deterministic protocol on all labels run once, under the first seed, instead of repeating identical
@@ -13,23 +14,25 @@ numbers that would fake a confidence interval.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import pathlib
+import os
 import time
 from collections.abc import Iterator
 
 import jax
 import ml_collections
-import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.modalities import MODALITIES
-from mermed_jax.eval import protocols, subsets
+from mermed_jax.eval import npz, protocols, subsets
 from mermed_jax.eval.encoders import Encoder
 from mermed_jax.eval.features import FeatureSet
 from mermed_jax.eval.inputs import Dataset, SplitLoader, describe
 from mermed_jax.eval.metrics import bootstrap_auroc_ci, compute_metrics
 
+RESULTS_FILE = "results.csv"
 KEY_COLUMNS = ("encoder", "dataset", "protocol", "feature", "label_fraction", "seed")
 METRIC_COLUMNS = ("auroc", "auroc_lo", "auroc_hi", "auprc", "accuracy", "balanced_accuracy", "f1_macro",
                   "sensitivity", "specificity", "ece")
@@ -41,20 +44,19 @@ def row_key(row: dict) -> tuple[str, ...]:
     return tuple(str(row[k]) for k in KEY_COLUMNS)
 
 
-def read_results(path: pathlib.Path) -> list[dict]:
-    if not path.is_file():
+def read_results(path: str | os.PathLike) -> list[dict]:
+    if not storage.exists(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(storage.read_text(path), newline="")))
 
 
-def _append(path: pathlib.Path, row: dict) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def write_csv(path: str | os.PathLike, columns: tuple[str, ...] | list[str], rows: list[dict]) -> None:
+    """A whole CSV file or object (any location): header, then the rows."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(path, text.getvalue())
 
 
 def planned_rows(config: ml_collections.ConfigDict, encoder: Encoder, dataset: Dataset) -> Iterator[dict]:
@@ -69,8 +71,14 @@ def planned_rows(config: ml_collections.ConfigDict, encoder: Encoder, dataset: D
                                label_fraction=float(fraction), seed=int(seed))
 
 
+def scores_path(eval_dir: str | os.PathLike, key: dict) -> str:
+    """Where a row's test labels and scores are kept (for the ROC plots)."""
+    name = f"{key['protocol']}_{key['feature']}_f{float(key['label_fraction']):g}_s{key['seed']}.npz"
+    return storage.join(eval_dir, "scores", key["encoder"], key["dataset"], name)
+
+
 def run_row(config: ml_collections.ConfigDict, key: dict, dataset: Dataset, splits: dict[str, FeatureSet],
-            encoder: Encoder, eval_dir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
+            encoder: Encoder, eval_dir: str, mesh: jax.sharding.Mesh) -> dict:
     """Trains and scores one row on `splits` (its protocol's inputs); returns it."""
     start = time.perf_counter()
     train_idx = subsets.stratified_subset(splits["train"].labels, key["label_fraction"], key["seed"])
@@ -82,10 +90,7 @@ def run_row(config: ml_collections.ConfigDict, key: dict, dataset: Dataset, spli
                                    seed=config.bootstrap.seed)
     for note in result.notes:
         logging.warning("%s / %s: %s", encoder.tag, dataset.name, note)
-    path = eval_dir / "scores" / key["encoder"] / key["dataset"] / \
-        f"{key['protocol']}_{key['feature']}_f{key['label_fraction']:g}_s{key['seed']}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, labels=test_labels, scores=scores.test, modality=splits["test"].modality)
+    npz.save(scores_path(eval_dir, key), labels=test_labels, scores=scores.test, modality=splits["test"].modality)
     return dict(
         key, modality=dataset.modality, task=dataset.task, num_classes=len(dataset.label_names),
         n_train=len(train_idx), n_val=len(splits["val"].labels), n_test=len(test_labels), chosen_c=scores.chosen_c,
@@ -95,12 +100,12 @@ def run_row(config: ml_collections.ConfigDict, key: dict, dataset: Dataset, spli
     )
 
 
-def run_sweep(config: ml_collections.ConfigDict, encoders: list[Encoder], eval_dir: pathlib.Path,
+def run_sweep(config: ml_collections.ConfigDict, encoders: list[Encoder], eval_dir: str | os.PathLike,
               mesh: jax.sharding.Mesh) -> list[dict]:
-    """Runs every row not yet in eval_dir/results.csv; returns all rows (old and new)."""
-    eval_dir = pathlib.Path(eval_dir)
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    results_path = eval_dir / "results.csv"
+    """Runs every row not yet in eval_dir/results.csv (any location); returns all rows (old and new)."""
+    eval_dir = os.fspath(eval_dir)
+    storage.makedirs(eval_dir)
+    results_path = storage.join(eval_dir, RESULTS_FILE)
     rows = read_results(results_path)
     done = {row_key(r) for r in rows}
     datasets = [describe(name, directory) for name, directory in config.datasets.items()]
@@ -119,8 +124,8 @@ def run_sweep(config: ml_collections.ConfigDict, encoders: list[Encoder], eval_d
                     loaded[load] = load(config, dataset, encoder, eval_dir, mesh)
                 row = run_row(config, key, dataset, loaded[load], encoder, eval_dir, mesh)
                 logging.info("%s %s %s %s f=%g seed=%d: AUROC %.4f", *(row[k] for k in KEY_COLUMNS), row["auroc"])
-                if jax.process_index() == 0:
-                    _append(results_path, row)
                 rows.append({k: "" if v is None else str(v) for k, v in row.items()})
+                if jax.process_index() == 0:
+                    write_csv(results_path, COLUMNS, rows)
                 done.add(row_key(row))
     return rows

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -158,7 +157,7 @@ def resize_size(image_size: int, crop_fraction: float) -> int:
     return int(math.floor(image_size / crop_fraction + 0.5))
 
 
-def image_splits(config: ml_collections.ConfigDict, dataset: Dataset, encoder: Encoder, eval_dir: pathlib.Path,
+def image_splits(config: ml_collections.ConfigDict, dataset: Dataset, encoder: Encoder, eval_dir: str,
                  mesh: jax.sharding.Mesh) -> dict[str, FeatureSet]:
     """Fine-tuning images (the same for every encoder): train at the resize resolution (random crops
     come later), val and test resized and centre-cropped to the fine-tuning resolution."""
