@@ -6,7 +6,6 @@ refused before anything compiles. Data stays local here (tests/test_bucket_rehea
 from buckets)."""
 
 import os
-import pathlib
 
 import jax
 import numpy as np
