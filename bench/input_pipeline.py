@@ -16,8 +16,15 @@ the machine), with OpenCV held to one thread. Three columns:
   pipeline  the full Grain training pipeline over TFRecord shards written to a temp dir:
             read + CRC + parse + decode + multi-crop + modality-balanced batching
 
+With --data, only the training pipeline is measured, over converted dataset directories given as
+local paths or gs:// / s3:// URLs, interleaved round by round: images per CPU-second of this
+process (every thread of it counts: Grain's readers, the storage client's event loop) and images
+per wall-clock second, with the batches' multi-crop at the paper's settings. bench/bucket_loading.py
+runs it against a local GCS emulator.
+
 Usage:
-  .venv/bin/python bench/input_pipeline.py --realdata ../shared/realdata [--images 64] [--seconds 5] [--rounds 3]
+  .venv/bin/python -m bench.input_pipeline --realdata ../shared/realdata [--images 64] [--seconds 5] [--rounds 3]
+  .venv/bin/python -m bench.input_pipeline --data DIR_OR_URL [...] [--read-threads 2] [--seconds 8] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -158,6 +165,41 @@ def pipeline_work(directory: pathlib.Path, cfg: multicrop.MultiCropConfig, batch
     return lambda: len(next(iterator)["modality"])
 
 
+def loader_rates(dirs: list[str], cfg: multicrop.MultiCropConfig, seconds: float, read_threads: int,
+                 batch: int = 32) -> Callable[[], tuple[float, float]]:
+    """A measurement of the Grain training pipeline over `dirs`: (images per CPU-second of this
+    process, images per wall-second) over `seconds` of wall time. The iterator is made and warmed
+    up once (indexing, the first batches), so each call measures the steady state."""
+    from data_pipelines.pipeline import TrainConfig, train_iterator
+
+    config = TrainConfig(dirs=tuple(dirs), per_device_batch=batch, crops=cfg, read_threads=read_threads,
+                         prefetch=max(1, read_threads))
+    iterator = train_iterator(config, process_index=0, process_count=1, local_devices=1)
+    for _ in range(2):
+        next(iterator)
+
+    def measure() -> tuple[float, float]:
+        images, cpu, wall = 0, time.process_time(), time.perf_counter()
+        while time.perf_counter() - wall < seconds:
+            images += len(next(iterator)["modality"])
+        return images / (time.process_time() - cpu), images / (time.perf_counter() - wall)
+
+    return measure
+
+
+def compare_locations(locations: list[str], args: argparse.Namespace) -> None:
+    """The --data table: one row per location, medians of interleaved rounds."""
+    cfg = multicrop.MultiCropConfig()
+    measures = [loader_rates([location], cfg, args.seconds, args.read_threads) for location in locations]
+    rates = np.array([[measure() for measure in measures] for _ in range(args.rounds)])  # round, location, kind
+    cpu, wall = np.median(rates, axis=0).T
+    print(f"| data | img/CPU-s | img/s (wall) | vs first, CPU | vs first, wall |  ({args.read_threads} read threads, "
+          f"median of {args.rounds} x {args.seconds:g} s)")
+    print("|---|---|---|---|---|")
+    for location, c, w in zip(locations, cpu, wall):
+        print(f"| {location} | {c:.1f} | {w:.1f} | {c / cpu[0]:.2f}x | {w / wall[0]:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--realdata", default=os.environ.get("MERMED_REALDATA", "../shared/realdata"),
@@ -166,11 +208,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="CPU seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3,
                         help="measurements of each column, interleaved; the median is reported")
+    parser.add_argument("--data", nargs="+", metavar="DIR_OR_URL",
+                        help="measure only the training pipeline over these converted datasets (paths or URLs); "
+                             "--seconds is then wall time per measurement")
+    parser.add_argument("--read-threads", type=int, default=2, help="Grain read threads with --data")
     args = parser.parse_args()
 
     import cv2
 
     cv2.setNumThreads(1)
+    if args.data:
+        compare_locations(args.data, args)
+        return
     cfg = multicrop.MultiCropConfig()  # 2 x 224 + 10 x 96, the paper's settings
     realdata = pathlib.Path(args.realdata)
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
