@@ -79,12 +79,19 @@ class FaultProxy(socketserver.ThreadingTCPServer):
         self.injected = {"503": 0, "403": 0, "reset": 0}
         self.requests = 0
         self._lock = threading.Lock()
+        # The emulator serves one connection at a time with a listen backlog of 5: more requests at
+        # once overflow it, and each dropped connection attempt waits a 1 s SYN retransmit. Clients
+        # may have any number in flight here (latency is injected before this), as with real GCS.
+        self.upstream_slots = threading.Semaphore(4)
         super().__init__(("127.0.0.1", port), _ProxyHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def clear(self) -> None:
+        """No faults armed and the counters at zero (each test that takes a bucket starts so)."""
         with self._lock:
             self.latency_s, self.fail_next, self.reset_next, self.deny = 0.0, 0, 0, False
+            self.injected = {"503": 0, "403": 0, "reset": 0}
+            self.requests = 0
 
     def take_fault(self) -> str | None:
         with self._lock:
@@ -133,9 +140,10 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                 continue
             forwarded = {k: v for k, v in headers if k.lower() not in ("transfer-encoding", "connection")}
             forwarded["Content-Length"] = str(len(body))
-            upstream.request(method, target, body=body, headers=forwarded)
-            response = upstream.getresponse()
-            payload = response.read()
+            with self.server.upstream_slots:
+                upstream.request(method, target, body=body, headers=forwarded)
+                response = upstream.getresponse()
+                payload = response.read()
             self.wfile.write(f"HTTP/1.1 {response.status} {response.reason}\r\n".encode("latin-1"))
             for name, value in response.getheaders():
                 if name.lower() not in ("transfer-encoding", "connection", "content-length"):
