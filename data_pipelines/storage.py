@@ -32,7 +32,14 @@ from typing import Any, TypeVar
 
 os.environ["EPATH_USE_TF"] = "false"  # before epath's first bucket path (it caches the choice)
 
+import fsspec.config  # noqa: E402
 from etils import epath  # noqa: E402
+
+# gcsfs and s3fs cache folder listings for the life of the process by default. Several processes
+# share a workdir (hosts saving checkpoints, a job and `evaluate --watch`), so a cached listing
+# would hide another process's new checkpoint: a resume or a watch would then read a stale step.
+for _protocol in ("gs", "s3"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 REMOTE_SCHEMES = ("gs://", "s3://")
 # Attempts of this layer. The client libraries retry inside each: gcsfs 6 times with backoff

@@ -52,3 +52,18 @@ def test_missing_bucket_and_denied_requests_fail_early(gcs_bucket, object_stores
     object_stores.proxy.deny = True
     with pytest.raises(storage.StorageError, match="access denied"):
         storage.check_bucket(f"{gcs_bucket}/run", writable=True)
+
+
+def test_listings_see_other_writers(location):
+    """Another process's new object shows at once (a cached listing once hid a new checkpoint)."""
+    import fsspec  # noqa: PLC0415
+
+    folder = storage.join(location, "steps")
+    storage.write_bytes(storage.join(folder, "1"), b"")
+    assert storage.listdir(folder) == ["1"]
+    if storage.is_remote(folder):  # a writer that is not this process's file system object
+        other, inner = fsspec.core.url_to_fs(folder, skip_instance_cache=True)
+        other.pipe_file(f"{inner}/2", b"")
+    else:
+        storage.write_bytes(storage.join(folder, "2"), b"")
+    assert storage.listdir(folder) == ["1", "2"] and storage.exists(storage.join(folder, "2"))
