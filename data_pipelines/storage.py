@@ -173,7 +173,9 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Writes a whole object or file, never visible half-written (see module docstring)."""
     target = path(location)
     if is_remote(target):
-        retrying(lambda: target.write_bytes(data), target, "writing")
+        # The whole bytes in one call: one request up to gcsfs's 50 MB chunk, no file object.
+        fs, inner = filesystem(target)
+        retrying(lambda: fs.pipe_file(inner, bytes(data)), target, "writing")
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -200,7 +202,8 @@ def check_bucket(location: str | os.PathLike, writable: bool) -> None:
     """Fails early, naming the location, when its bucket is missing or the job may not use it.
 
     Called before anything compiles, so a typo or a missing permission costs seconds, not a
-    compile and a first checkpoint. Writing checks with a small probe object that is then deleted.
+    compile and a first checkpoint. `location` is a folder: writing is checked with a small probe
+    object inside it, then deleted (IAM conditions may grant a prefix rather than the bucket).
     """
     if not is_remote(location):
         return

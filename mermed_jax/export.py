@@ -121,7 +121,8 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if (f.workdir is None) == (f.checkpoint is None):
         raise app.UsageError("give exactly one of --workdir (a pretraining run) and --checkpoint (a weights file)")
-    storage.check_bucket(f.out, writable=True)  # a missing bucket or permission, before anything is read
+    # A missing bucket or permission, before anything is read; the probe goes beside the output.
+    storage.check_bucket(storage.path(f.out).parent, writable=True)
     if f.workdir is not None:
         if f.config is not None:
             raise app.UsageError("--config is for --checkpoint; a --workdir export takes the run's own config.json")
