@@ -3,7 +3,8 @@
 Convert the demo sets (and a small real set, when ../shared/realdata is here) into the bucket with
 the id key in the bucket too; pretrain 2 processes x 4 CPU devices with data and workdir in the
 bucket; kill -9 the job's process group mid-run and resume it, bitwise equal to an uninterrupted
-run; SIGTERM makes the job save and exit 0; evaluate and export from the bucket into the bucket.
+run; a storm of HTTP 503s and dropped connections is ridden out; SIGTERM makes the job save
+and exit 0; evaluate and export from the bucket into the bucket.
 Every job runs in an empty working directory with HOME and TMPDIR beside it, and nothing of the
 run may appear there (no silent local fallback such as a folder named "gs:"). The jobs'
 compilation cache is the only local state they share with the tests; libraries' caches and settings in
@@ -92,7 +93,7 @@ def _leaves(workdir: str) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-def test_pod_job_in_a_bucket(gcs_bucket, job_env, request):
+def test_pod_job_in_a_bucket(gcs_bucket, object_stores, job_env, request):
     from conftest import realdata_root  # noqa: PLC0415 - the optional real set
 
     started = time.monotonic()
@@ -111,10 +112,15 @@ def test_pod_job_in_a_bucket(gcs_bucket, job_env, request):
     losses = {w: {r["step"]: r["loss"] for r in metric_writers.read_metrics(w) if "loss" in r} for w in (straight, resumed)}
     assert losses[straight] == losses[resumed] and sorted(losses[straight]) == list(range(1, 11))
 
-    # SIGTERM (a preemption): every host saves at the same step and the job exits 0.
+    # A storm of 503s and dropped connections while the job reads shards, saves a checkpoint and
+    # flushes metrics, which it rides out; then SIGTERM (a preemption): every host saves at the
+    # same step and the job exits 0.
     preempted = f"{gcs_bucket}/runs/preempted"
     job = _start(job_env, _pretrain_argv(preempted, dirs, 400))
     _wait_for_checkpoint(preempted, 5, job)
+    object_stores.proxy.fail_next, object_stores.proxy.reset_next = 40, 8
+    _wait_for_checkpoint(preempted, 10, job)
+    assert object_stores.proxy.injected["503"] == 40 and object_stores.proxy.injected["reset"] == 8
     os.killpg(job.pid, signal.SIGTERM)
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-3000:]
