@@ -38,7 +38,7 @@ from etils import epath
 from data_pipelines import storage
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: shards carry their index file and size; version 1 manifests still load
 TFDS_INFO_NAME = "dataset_info.json"
 TFDS_METADATA_NAME = "metadata.json"
 FORMATS = ("tfrecord",)  # shard formats the readers of this package read
@@ -159,7 +159,7 @@ def save_manifest(manifest: Manifest, directory: str | os.PathLike) -> epath.Pat
 
 
 def _from_json(data: dict[str, Any], directory: epath.Path) -> Manifest:
-    if data.get("version") != MANIFEST_VERSION:
+    if data.get("version") not in (1, MANIFEST_VERSION):
         raise ValueError(f"{directory / MANIFEST_NAME}: unsupported manifest version {data.get('version')!r}")
     splits = {
         name: Split(

@@ -11,14 +11,14 @@ Buckets have no rename, and an object appears only once its upload completes, so
 recorded by what is written after a shard rather than by renaming it: a shard is written locally
 (under a .partial name beside a local output, in the temporary folder for a bucket), then moved
 or uploaded whole, then its index (manifest.index_name), then its completion marker
-(.convert_state.<shard>.json: the shard's statistics, size and sha256). On resume a shard is kept
+(.convert_done.<shard>.json: the shard's statistics, size, sha256 and skipped ids). On resume a shard is kept
 when its marker is there and one listing of the directory shows the shard and its index at the
 recorded sizes (a local shard's sha256 is checked as well; a bucket shard's is not, which would
 read the whole dataset back). manifest.json is written last, after every shard and index, and an
 overwrite deletes it first, so a reader never finds a manifest naming shards that are not there.
 
-Nothing written names a source: shards hold pixels, labels and HMAC ids; the state file and the
-summary hold shard statistics and the hashed ids of skipped items. Bad inputs stop the conversion
+Nothing written names a source: shards hold pixels, labels and HMAC ids; the state file holds the
+plan's digest, the markers and the summary shard statistics and the hashed ids of skipped items. Bad inputs stop the conversion
 with an error naming the item, or with `skip_bad` are skipped and counted per reason.
 """
 
@@ -48,7 +48,7 @@ from data_pipelines.sources.base import Frame, Item, Source, SourceError
 from data_pipelines.splits import DEFAULT_FRACTIONS, assign_splits
 
 STATE_NAME = ".convert_state.json"  # the plan's fingerprint
-_MARKER = ".convert_state.{}.json"  # a completed shard's ShardResult
+_MARKER = ".convert_done.{}.json"  # a completed shard's ShardResult
 FORMAT = "tfrecord"  # the only shard format the readers read (manifest.FORMATS)
 PARTIAL_SUFFIX = ".partial"
 
@@ -291,7 +291,7 @@ def _load_state(directory: epath.Path, fingerprint: str, overwrite: bool) -> dic
             f"{directory} holds a conversion with a different plan (source, options or key); "
             "pass overwrite to replace it"
         )
-    markers = [directory / name for name in found if name != STATE_NAME and _is_marker(name)]
+    markers = [directory / name for name in found if _is_marker(name)]
     with ThreadPoolExecutor(16) as pool:  # one request each on a bucket
         results = list(pool.map(lambda m: _result_from_json(json.loads(storage.read_text(m))), markers))
     return {r.name: r for r in results if _is_complete(directory, r, found)}

@@ -25,12 +25,17 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 os.environ["EPATH_USE_TF"] = "false"  # before epath's first bucket path (it caches the choice)
+# gcsfs 2026.10 defaults to an experimental file system that asks each bucket's layout over gRPC
+# (zonal and hierarchical-namespace buckets); the classic one is what the tests exercise against
+# the emulator, which has no gRPC. A user may still opt in by setting the variable.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec.config  # noqa: E402
 from etils import epath  # noqa: E402
@@ -55,8 +60,18 @@ class StorageError(OSError):
 
 
 def is_remote(location: str | os.PathLike) -> bool:
-    """True for bucket URLs (gs://, s3://); False for local paths, gcsfuse mounts included."""
-    return os.fspath(location).startswith(REMOTE_SCHEMES)
+    """True for bucket URLs (gs://, s3://); False for local paths, gcsfuse mounts included.
+
+    Any other `scheme://` (gcs://, s3a://, az://, a typo) is refused rather than taken for a local
+    folder named "gcs:", which would silently keep a pod's outputs on one host's disk.
+    """
+    text = os.fspath(location)
+    if text.startswith(REMOTE_SCHEMES):
+        return True
+    if "://" in text:
+        raise StorageError(f"{text}: unsupported location scheme {text.split('://', 1)[0]!r}: "
+                           "use gs://, s3:// or a local path (gcsfuse mounts such as /gcs/bucket too)")
+    return False
 
 
 def path(location: str | os.PathLike) -> epath.Path:
@@ -101,10 +116,12 @@ def is_transient(error: BaseException) -> bool:
     status = _status(error)
     if status is not None:
         return status in _RETRY_STATUS
-    name = type(error).__name__
-    return name in {"ServerDisconnectedError", "ClientOSError", "ClientPayloadError", "ServerTimeoutError",
-                    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "IncompleteReadError",
-                    "ResponseStreamingError"}
+    # aiohttp's and botocore's connection errors, matched by name along the class hierarchy so that
+    # their subclasses (ClientConnectorError, ConnectTimeoutError, ...) count as well.
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"ServerDisconnectedError", "ClientOSError", "ClientPayloadError", "ServerTimeoutError",
+                         "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                         "ConnectTimeoutError", "IncompleteReadError", "ResponseStreamingError"})
 
 
 def explain(error: BaseException, location: str | os.PathLike, doing: str) -> StorageError:
@@ -179,8 +196,11 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, target)
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
 
 
 def write_text(location: str | os.PathLike, text: str) -> None:
@@ -257,8 +277,7 @@ def upload_tree(local_dir: str | os.PathLike, location: str | os.PathLike) -> li
         for name in sorted(names):
             source = os.path.join(folder, name)
             target = join(location, *os.path.relpath(source, root).split(os.sep))
-            with open(source, "rb") as f:
-                write_bytes(target, f.read())
+            upload(source, target)
             written.append(target)
     return written
 
@@ -312,6 +331,24 @@ def list_sizes(location: str | os.PathLike) -> dict[str, int]:
             for e in retrying(listing, text, "listing") if e["type"] == "file"}
 
 
+def upload(local_file: str | os.PathLike, location: str | os.PathLike) -> None:
+    """Copies a finished local file to `location`, streamed (traces and shards can be large) and
+    never visible half-written: an upload to a bucket, a copy and rename locally."""
+    source, text = os.fspath(local_file), os.fspath(location)
+    if is_remote(text):
+        fs, inner = filesystem(text)
+        retrying(lambda: fs.put_file(source, inner), text, "uploading")
+        return
+    target = path(text)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def publish(local_file: str | os.PathLike, location: str | os.PathLike) -> None:
     """Moves a finished local file to `location`: a rename locally, an upload (visible only once
     complete) to a bucket, after which the local file is removed."""
@@ -319,6 +356,5 @@ def publish(local_file: str | os.PathLike, location: str | os.PathLike) -> None:
     if not is_remote(text):
         os.replace(source, text)
         return
-    fs, inner = filesystem(text)
-    retrying(lambda: fs.put_file(source, inner), text, "uploading")
+    upload(source, text)
     os.remove(source)

@@ -1,4 +1,6 @@
 """The path layer (data_pipelines/storage.py) on a local disk, the GCS emulator and moto's S3."""
+import pathlib
+
 import pytest
 
 from data_pipelines import storage
@@ -67,3 +69,32 @@ def test_listings_see_other_writers(location):
     else:
         storage.write_bytes(storage.join(folder, "2"), b"")
     assert storage.listdir(folder) == ["1", "2"] and storage.exists(storage.join(folder, "2"))
+
+
+@pytest.mark.parametrize("location", ["gcs://bucket/run", "s3a://bucket/run", "az://c/run"])
+def test_other_schemes_are_refused_not_made_local_folders(location, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(storage.StorageError, match="unsupported location scheme"):
+        storage.write_bytes(location, b"x")
+    assert not list(tmp_path.iterdir())
+
+
+def test_transient_errors_include_subclasses():
+    import aiohttp  # noqa: PLC0415
+
+    key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None)
+    assert storage.is_transient(aiohttp.ClientConnectorError(key, OSError(111, "refused")))
+    assert not storage.is_transient(FileNotFoundError("gone"))
+
+
+def test_a_failed_local_write_leaves_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+
+    def full_disk(self, data):
+        pathlib.Path(self).write_bytes(data[:1])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.epath.Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_bytes(target, b"abc")
+    assert list(tmp_path.iterdir()) == []
