@@ -192,8 +192,6 @@ class ObjectStores:
             "TENSORSTORE_GCS_HTTP_URL": gcs,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
             "FSSPEC_GCS_TOKEN": "anon",
-            # gcsfs's default file system asks the bucket's layout over gRPC, which the emulator lacks.
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
