@@ -26,7 +26,9 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from data_pipelines import storage
@@ -73,12 +75,33 @@ def evaluate(config: ml_collections.ConfigDict, encoders: list[encoders_lib.Enco
     return report.write_report(eval_dir, rows, plots=config.plots)
 
 
+def _from_process_0(values: list[int]) -> list[int]:
+    """Process 0's list of ints, on every process (the others' `values` are ignored); one process
+    returns its own. A variable length: the count goes first, then the list."""
+    if jax.process_count() == 1:
+        return list(values)
+    count = int(multihost_utils.broadcast_one_to_all(np.asarray(len(values), np.int32)))
+    if count == 0:
+        return []
+    mine = np.asarray(values, np.int32) if jax.process_index() == 0 else np.zeros(count, np.int32)
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]
+
+
 def watch(config: ml_collections.ConfigDict, workdir: str, eval_dir: str | os.PathLike) -> None:
-    """Evaluates each new checkpoint of a running job until none appears for the idle timeout."""
+    """Evaluates each new checkpoint of a running job until none appears for the idle timeout.
+
+    Process 0 alone lists the checkpoints and decides when to stop, and every process takes its
+    answer: hosts that listed on their own could see a new step at different polls and enter the
+    sweep's collectives out of step."""
     seen: set[int] = set()
     last_new = time.monotonic()
-    while time.monotonic() - last_new < config.watch.idle_timeout_seconds:
-        new = [s for s in encoders_lib.checkpoint_steps(workdir) if s not in seen]
+    while True:
+        stop = time.monotonic() - last_new >= config.watch.idle_timeout_seconds
+        listed = [] if stop or jax.process_index() > 0 else encoders_lib.checkpoint_steps(workdir)
+        shared = _from_process_0([int(stop), *listed])
+        if shared[0]:
+            break
+        new = [s for s in shared[1:] if s not in seen]
         for step in new:
             logging.info("watch: evaluating checkpoint %d", step)
             print(evaluate(config, [encoders_lib.from_checkpoint(workdir, step, config.normalization)], eval_dir))

@@ -189,9 +189,20 @@ def train(config, workdir: str | os.PathLike) -> dict[str, float]:
                 break
 
         manager.wait_until_finished()
+    except BaseException:
+        # What was logged reaches the workdir, also when the loop raised; but a metrics write that
+        # fails now (the storage outage that may have caused the loop's error) must not replace it.
+        try:
+            writer.close()
+        except Exception as e:  # noqa: BLE001 - logged; the loop's error is the one raised
+            text = str(e).strip()
+            logging.error("metrics not all written while stopping on an error (%s: %s)",
+                          type(e).__name__, text.splitlines()[0][:400] if text else "")
+        raise
+    try:
+        writer.close()  # the end of the job: a metrics write that still fails is raised here
     finally:
-        writer.close()  # what was logged reaches the workdir, also when the loop raised
-    manager.close()
+        manager.close()
     if bar is not None:
         bar.close()
     return {**last_logged, "step": float(step), "preempted": float(preempted)}

@@ -200,3 +200,33 @@ def test_init_checkpoint_loads_into_student_and_teacher(tmp_path, data_dirs, tin
     for name in MODALITIES:
         assert np.isfinite(logged[f"memory_loss/{name}"]) and f"memory_fill/{name}" in logged, name
     assert 0.0 <= logged["data/wait_fraction"] <= 1.0
+
+
+def test_a_failing_metrics_close_does_not_replace_the_loop_error(tmp_path, data_dirs, monkeypatch, tiny_config, caplog):
+    """The loop's own error propagates; the metrics close that then fails too is logged."""
+    config = tiny_config()
+    for key, value in _overrides(data_dirs, max_steps=1).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = ast.literal_eval(value) if isinstance(value, str) else value
+    real_make_writer = metric_writers.make_writer
+
+    def failing_close(*args, **kwargs):
+        writer = real_make_writer(*args, **kwargs)
+
+        def close():
+            raise pretrain.storage.StorageError("gs://b/run/metrics/000000000001.jsonl: writing failed: outage")
+        writer.close = close
+        return writer
+
+    def failing_save(*args, **kwargs):
+        raise checkpointing.CheckpointSaveError("the save failed")
+
+    monkeypatch.setattr(metric_writers, "make_writer", failing_close)
+    monkeypatch.setattr(checkpointing, "save", failing_save)
+    with caplog.at_level("ERROR"), pytest.raises(checkpointing.CheckpointSaveError, match="the save failed"):
+        pretrain.train(config, tmp_path / "run")
+    assert any("metrics not all written" in r.getMessage() and "000000000001.jsonl" in r.getMessage()
+               for r in caplog.records)

@@ -3,8 +3,10 @@ EVAL_DIR/results.csv, resumable.
 
 Each finished row is written to results.csv at once, with the test labels and scores beside it
 (EVAL_DIR/scores/...npz, for ROC curves), so a sweep that dies loses at most the row it was on; a
-rerun skips every row whose key is already in the file. EVAL_DIR may be a bucket, which has no
-append: results.csv is rewritten whole with each new row (it holds a few hundred rows at most). Protocols come from the registry
+rerun skips every row whose key is already in the file. Every host runs every row (its protocol's
+collectives need them all); process 0 alone writes both files, and alone reads the scores back
+(the report). EVAL_DIR may be a bucket, which has no append: results.csv is rewritten whole with
+each new row (it holds a few hundred rows at most). Protocols come from the registry
 (mermed_jax/eval/protocols) by the names in config.protocols; each says which rows it plans, what
 inputs they run on and how a row is scored, so this module names none of them. Rows of a
 deterministic protocol on all labels run once, under the first seed, instead of repeating identical
@@ -90,7 +92,8 @@ def run_row(config: ml_collections.ConfigDict, key: dict, dataset: Dataset, spli
                                    seed=config.bootstrap.seed)
     for note in result.notes:
         logging.warning("%s / %s: %s", encoder.tag, dataset.name, note)
-    npz.save(scores_path(eval_dir, key), labels=test_labels, scores=scores.test, modality=splits["test"].modality)
+    if jax.process_index() == 0:  # every host scores the row; one writes (N writers of one object: 429s on GCS)
+        npz.save(scores_path(eval_dir, key), labels=test_labels, scores=scores.test, modality=splits["test"].modality)
     return dict(
         key, modality=dataset.modality, task=dataset.task, num_classes=len(dataset.label_names),
         n_train=len(train_idx), n_val=len(splits["val"].labels), n_test=len(test_labels), chosen_c=scores.chosen_c,

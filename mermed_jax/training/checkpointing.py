@@ -53,6 +53,15 @@ class CheckpointCorruptError(RuntimeError):
     """A checkpoint that cannot be restored, or restores to other values than were saved."""
 
 
+def _set_aside(step_dir: str) -> str:
+    """What to do with a damaged step's directory, on a filesystem or in a bucket (which has no rename)."""
+    if storage.is_remote(step_dir):
+        how = f"gcloud storage rm -r {step_dir}, after a gcloud storage cp -r to keep a copy"
+    else:
+        how = f"rm -r {step_dir}, or mv it out of the checkpoints folder to keep it"
+    return f"Delete this step's directory ({how})"
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:400] if text else ''}"
@@ -192,8 +201,8 @@ def _verify(state: Any, meta: dict, where: str, paths: tuple[tuple[str, ...], ..
     if changed or set(found) != set(saved):
         raise CheckpointCorruptError(
             f"{where}: the restored arrays differ from those saved ({len(changed)} of {len(saved)} leaves changed, "
-            f"first {changed[:3]}): the checkpoint files were damaged after the save. Move this step's "
-            "directory away to resume from the previous complete checkpoint."
+            f"first {changed[:3]}): the checkpoint files were damaged after the save. {_set_aside(where)} "
+            "to resume from the previous complete checkpoint."
         )
 
 
@@ -202,10 +211,10 @@ def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: Any) ->
         return manager.restore(step, args=args)
     except Exception as e:  # noqa: BLE001 - TensorStore, JSON and pytree errors of a damaged directory
         others = [s for s in complete_steps(manager.directory) if s != step]
+        step_dir = f"{manager.directory}/{step}"
         raise CheckpointCorruptError(
-            f"{manager.directory}/{step}: the checkpoint cannot be restored ({_first_line(e)}); its files are "
-            f"damaged or incomplete. Move this step's directory away to resume from another complete "
-            f"checkpoint (steps {others})."
+            f"{step_dir}: the checkpoint cannot be restored ({_first_line(e)}); its files are damaged or "
+            f"incomplete. {_set_aside(step_dir)} to resume from another complete checkpoint (steps {others})."
         ) from None
 
 

@@ -1,9 +1,10 @@
 """Metric writers: JSON lines and TensorBoard events in the workdir on process 0, a log line per
 write everywhere. Kept apart from flops.py because clu imports tensorflow.
 
-Both go through data_pipelines.storage, so a bucket workdir (gs://, s3://) and a local one run the
-same code. An object store has no append, so neither stream grows one file: each is a series of
-*parts*, whole objects named by the first step they hold, zero-padded so that names sort by step:
+Both go through data_pipelines.storage, so a local workdir and a gs:// one run the same code (a
+pretraining workdir cannot be on s3://: pretrain refuses it, as Orbax cannot write there). An
+object store has no append, so neither stream grows one file: each is a series of *parts*, whole
+objects named by the first step they hold, zero-padded so that names sort by step:
 
   WORKDIR/metrics/000000000001.jsonl          scalars as one JSON object per line
   WORKDIR/events.out.tfevents.000000000001.mermed   TFRecord-framed Event protos (TensorBoard)
@@ -12,18 +13,25 @@ A writer buffers its records and at a flush rewrites its current part whole (eve
 `log_flush_seconds`, and at close); a part full of PART_RECORDS records is left as it is and the
 next flush starts another. A crash loses at most the records since the last flush, and no reader
 ever sees half an object. TensorBoard reads event files in name order, so it reads the parts in
-step order; tf.summary is not used because TensorFlow's file layer has no s3 and cannot be pointed
-at another GCS endpoint.
+step order. tf.summary is not used: it grows one file, through TensorFlow's file layer, which
+cannot be pointed at another GCS endpoint (an emulator) and bypasses data_pipelines.storage.
+
+A flush during the run that cannot write (a storage outage that outlasts the storage layer's
+retries) logs a warning naming the object and keeps every record it could not write, so the next
+flush writes them; training goes on. Only close(), at the end of the job, raises when the records
+still cannot be written.
 
 A resumed run logs again from its checkpoint's step on. Its writers start new parts and delete
 the parts of the interrupted run that start after that step (nothing in them belongs to the run's
 history any more); `read_metrics` drops the interrupted run's records at or after the first step
-a later part holds, as TensorBoard purges events when steps go back.
+a later part holds, as TensorBoard purges events when steps go back. A workdir written before
+parts existed keeps its appended metrics.jsonl, which read_metrics reads first.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -53,6 +61,11 @@ def _step_of(name: str, prefix: str, suffix: str) -> int | None:
     return int(digits) if ok else None
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:400] if text else ''}"
+
+
 class _Parts:
     """One stream of records kept as part objects `folder/prefix<first step>suffix` (module docstring)."""
 
@@ -61,10 +74,12 @@ class _Parts:
         self._folder, self._prefix, self._suffix = folder, prefix, suffix
         self._header = header  # what every part begins with
         self._flush_seconds = flush_seconds
+        self._unwritten: list[tuple[int, list[bytes]]] = []  # full parts a failed flush could not write
         self._records: list[bytes] = []  # the current part's, flushed or not
         self._first_step: int | None = None
         self._last_step: int | None = None
         self._dirty = False
+        self._writing = ""  # the part being written, for the warning when that fails
         self._last_flush = time.monotonic()
         for name in storage.listdir(folder):
             first = _step_of(name, prefix, suffix)
@@ -74,8 +89,10 @@ class _Parts:
     def add(self, step: int, record: bytes) -> None:
         # A full part closes only between steps, so that all records of a step share one part.
         if len(self._records) >= PART_RECORDS and step != self._last_step:
+            if self._dirty:  # written by the flush below, or kept for the next one
+                self._unwritten.append((self._first_step, self._records))
+            self._records, self._first_step, self._dirty = [], None, False
             self.flush()
-            self._records, self._first_step = [], None
         if self._first_step is None:
             self._first_step = step
         self._records.append(record)
@@ -84,12 +101,35 @@ class _Parts:
         if time.monotonic() - self._last_flush >= self._flush_seconds:
             self.flush()
 
-    def flush(self) -> None:
+    def _write(self, first_step: int, records: list[bytes]) -> None:
+        self._writing = storage.join(self._folder, f"{self._prefix}{first_step:0{STEP_DIGITS}d}{self._suffix}")
+        storage.write_bytes(self._writing, self._header() + b"".join(records))
+
+    def _write_all(self) -> None:
+        """Writes the unwritten full parts, then the current one; on an error, what is not written stays."""
+        while self._unwritten:
+            self._write(*self._unwritten[0])
+            self._unwritten.pop(0)
         if self._dirty:
-            name = f"{self._prefix}{self._first_step:0{STEP_DIGITS}d}{self._suffix}"
-            storage.write_bytes(storage.join(self._folder, name), self._header() + b"".join(self._records))
+            self._write(self._first_step, self._records)
             self._dirty = False
+
+    def pending(self) -> int:
+        """Records not yet written."""
+        return sum(len(r) for _, r in self._unwritten) + (len(self._records) if self._dirty else 0)
+
+    def flush(self) -> None:
+        """Writes what is buffered; a failure to write is logged, and the next flush tries again."""
+        try:
+            self._write_all()
+        except OSError as e:  # storage.StorageError after its retries, or a local disk's error
+            logging.warning("metrics: could not write %s (%s); %d records stay buffered for the next flush",
+                            self._writing, _first_line(e), self.pending())
         self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """The last flush: raises if what is buffered still cannot be written."""
+        self._write_all()
 
 
 class _ScalarsWriter(metric_writers.MetricWriter):
@@ -131,7 +171,7 @@ class JsonlWriter(_ScalarsWriter):
         self._parts.flush()
 
     def close(self) -> None:
-        self._parts.flush()
+        self._parts.close()
 
 
 def _event(**fields: Any) -> bytes:
@@ -153,7 +193,21 @@ class EventWriter(_ScalarsWriter):
         self._parts.flush()
 
     def close(self) -> None:
-        self._parts.flush()
+        self._parts.close()
+
+
+class _AllWriters(metric_writers.MultiWriter):
+    """clu's MultiWriter, but close() closes every writer before raising the first one's error."""
+
+    def close(self) -> None:
+        errors = []
+        for w in self._writers:
+            try:
+                w.close()
+            except Exception as e:  # noqa: BLE001 - raised below, after the other writers closed
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def make_writer(workdir: str | os.PathLike, *, start_step: int, flush_seconds: float) -> metric_writers.MetricWriter:
@@ -161,7 +215,7 @@ def make_writer(workdir: str | os.PathLike, *, start_step: int, flush_seconds: f
     start_step: the step the run starts (or resumes) from; flush_seconds: config.log_flush_seconds."""
     if jax.process_index() > 0:
         return metric_writers.LoggingWriter()
-    return metric_writers.MultiWriter([
+    return _AllWriters([
         metric_writers.LoggingWriter(),
         JsonlWriter(workdir, start_step=start_step, flush_seconds=flush_seconds),
         EventWriter(workdir, start_step=start_step, flush_seconds=flush_seconds),

@@ -4,7 +4,9 @@ jax.profiler writes its trace files through TensorFlow's file layer, which has n
 be pointed at another GCS endpoint. So every trace is written to a local temporary folder and, when
 it stops, copied into the workdir through data_pipelines.storage under the same relative names
 (WORKDIR/plugins/profile/<run>/..., where TensorBoard's profile plugin looks), then deleted locally.
-A local workdir takes the same path, so there is one way traces arrive.
+A local workdir takes the same path, so there is one way traces arrive. A copy that fails (a
+storage outage past the storage layer's retries) is logged and does not stop training: the traces
+stay in the local folder and are copied again, with the next trace's, after the next one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ class WorkdirProfile(periodic_actions.Profile):
 
     def _end_session(self, url: str | None) -> None:
         super()._end_session(url)
-        written = storage.upload_tree(self._local, self._workdir)
+        try:
+            written = storage.upload_tree(self._local, self._workdir)
+        except OSError as e:  # storage.StorageError, naming the object, or a local file's error
+            text = str(e).strip()
+            logging.warning("profile: traces not copied to %s (%s: %s); kept in %s for the next copy",
+                            self._workdir, type(e).__name__, text.splitlines()[0][:400] if text else "", self._local)
+            return
         shutil.rmtree(self._local)
         os.makedirs(self._local)
         logging.info("profile: %d trace files written to %s", len(written), self._workdir)
