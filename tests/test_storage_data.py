@@ -2,6 +2,7 @@
 the training and evaluation pipelines, one ranged request per record, faults and their errors."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -14,11 +15,10 @@ from data_pipelines import manifest as mf
 from data_pipelines.multicrop import MultiCropConfig
 from data_pipelines.pipeline import TrainConfig, train_iterator
 from data_pipelines.shard_writer import ConvertOptions, convert
-from data_pipelines.sources.synthetic import SyntheticSource
+from data_pipelines.sources.synthetic import SyntheticSource, write_demo_data
 
 KEY = bytes(range(32))
 TINY = MultiCropConfig(global_size=16, local_size=8, num_local=2)
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _options(out, **kw) -> ConvertOptions:
@@ -175,9 +175,22 @@ def test_eval_pipeline_reads_a_bucket_like_local_disk(tmp_path, gcs_bucket):
     _assert_batches_equal(batches[1], batches[0])
 
 
+def _without_indexes(directory: pathlib.Path) -> None:
+    """Turns a conversion into one made before indexes existed: a version 1 manifest, no .index files."""
+    manifest = json.loads((directory / mf.MANIFEST_NAME).read_text())
+    manifest["version"] = 1
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            (directory / shard.pop("index")).unlink()
+            del shard["num_bytes"]
+    (directory / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
 def test_shards_without_an_index_are_scanned_through_storage(tmp_path, gcs_bucket, s3_bucket):
-    """A directory converted before indexes existed (the committed demo data) reads the same."""
-    local = REPO / "demo_data" / "demo_us"
+    """A directory converted before indexes existed reads the same from a bucket."""
+    write_demo_data(tmp_path, images_per_modality=16, size=32, seed=0, shard_size=8)
+    local = tmp_path / "demo_us"
+    _without_indexes(local)
     assert mf.load_manifest(local).splits["train"].shards[0].index is None
     dirs = []
     for bucket in (gcs_bucket, s3_bucket):
