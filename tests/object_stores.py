@@ -63,8 +63,9 @@ class FaultProxy(socketserver.ThreadingTCPServer):
     """HTTP/1.1 forwarder that injects faults per request (see module docstring).
 
     `latency_s` delays every request; `fail_next` makes the next N requests answer 503; `deny`
-    answers every request 403; `reset_next` closes the next N connections without an answer.
-    Counters say what was injected, so a test can check that its faults were met.
+    answers every request 403; `reset_next` closes the next N connections without an answer;
+    `only_objects`, when set, limits the 503s and resets to requests whose target contains it
+    (object names are URL-encoded there: "data%2F" for objects under data/). Counters say what was injected, so a test can check that its faults were met.
     """
 
     daemon_threads = True
@@ -76,6 +77,7 @@ class FaultProxy(socketserver.ThreadingTCPServer):
         self.fail_next = 0
         self.reset_next = 0
         self.deny = False
+        self.only_objects = ""
         self.injected = {"503": 0, "403": 0, "reset": 0}
         self.requests = 0
         self._lock = threading.Lock()
@@ -90,6 +92,7 @@ class FaultProxy(socketserver.ThreadingTCPServer):
         """No faults armed and the counters at zero (each test that takes a bucket starts so)."""
         with self._lock:
             self.latency_s, self.fail_next, self.reset_next, self.deny = 0.0, 0, 0, False
+            self.only_objects = ""
             self.injected = {"503": 0, "403": 0, "reset": 0}
             self.requests = 0
 
@@ -98,12 +101,14 @@ class FaultProxy(socketserver.ThreadingTCPServer):
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
             super().handle_error(request, client_address)
 
-    def take_fault(self) -> str | None:
+    def take_fault(self, target: str) -> str | None:
         with self._lock:
             self.requests += 1
             if self.deny:
                 self.injected["403"] += 1
                 return "403"
+            if self.only_objects and self.only_objects not in target:
+                return None
             if self.reset_next > 0:
                 self.reset_next -= 1
                 self.injected["reset"] += 1
@@ -132,7 +137,7 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
             body = self._read_body(headers)
             if self.server.latency_s:
                 time.sleep(self.server.latency_s)
-            fault = self.server.take_fault()
+            fault = self.server.take_fault(target)
             if fault == "reset":
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return

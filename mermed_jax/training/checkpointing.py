@@ -105,8 +105,9 @@ class _Manager(ocp.CheckpointManager):
 def complete_steps(directory: str | os.PathLike) -> list[int]:
     """Steps whose checkpoint Orbax finalized, read from the directory: renamed from its temporary
     name locally, marked by commit_success.txt in a bucket (a step still being written, or cut off
-    mid-save, has its final name there already)."""
-    return sorted(ocp.path.step.checkpoint_steps(storage.path(directory)))
+    mid-save, has its final name there already). Transient storage errors are retried."""
+    return storage.retrying(lambda: sorted(ocp.path.step.checkpoint_steps(storage.path(directory))), directory,
+                            "listing complete checkpoints")
 
 
 def check_workdir(workdir: str | os.PathLike, what: str = "the workdir", *, writable: bool = True) -> None:
