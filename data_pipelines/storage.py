@@ -124,6 +124,13 @@ def is_transient(error: BaseException) -> bool:
                          "ConnectTimeoutError", "IncompleteReadError", "ResponseStreamingError"})
 
 
+def first_line(error: BaseException) -> str:
+    """"Type: first line of the message" (at most 400 characters): client libraries and TensorStore
+    put pages of detail after it, which would bury the location an error message leads with."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:400] if text else ''}"
+
+
 def explain(error: BaseException, location: str | os.PathLike, doing: str) -> StorageError:
     """A StorageError naming the location, what was being done and the cause in one line."""
     status = _status(error)
@@ -132,8 +139,7 @@ def explain(error: BaseException, location: str | os.PathLike, doing: str) -> St
     elif isinstance(error, PermissionError) or status in (401, 403) or str(error).startswith("Forbidden"):
         reason = "access denied: the job's credentials lack permission (see README: permissions)"
     else:
-        text = str(error).strip().splitlines()
-        reason = f"{type(error).__name__}: {text[0][:300] if text else ''}"
+        reason = first_line(error)
     return StorageError(f"{os.fspath(location)}: {doing} failed: {reason}")
 
 
@@ -186,6 +192,18 @@ def size(location: str | os.PathLike) -> int:
     return int(retrying(lambda: fs.size(inner), text, "reading the size"))
 
 
+def _replace_locally(target: epath.Path, fill: Callable[[epath.Path], Any]) -> None:
+    """fill(temporary) beside `target`, then a rename onto it; a failure (a full disk) leaves
+    neither a temporary nor half a target behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fill(temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Writes a whole object or file, never visible half-written (see module docstring)."""
     target = path(location)
@@ -194,13 +212,7 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         fs, inner = filesystem(target)
         retrying(lambda: fs.pipe_file(inner, bytes(data)), target, "writing")
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
+    _replace_locally(target, lambda temporary: temporary.write_bytes(data))
 
 
 def write_text(location: str | os.PathLike, text: str) -> None:
@@ -238,10 +250,10 @@ def check_bucket(location: str | os.PathLike, writable: bool) -> None:
     if not found:
         raise StorageError(f"{text}: bucket {bucket} does not exist (or the job's credentials cannot see it)")
     if writable:
-        probe = f"{text}/.mermed-write-check-{uuid.uuid4().hex[:8]}"
+        probe = filesystem(f"{text}/.mermed-write-check-{uuid.uuid4().hex[:8]}")[1]
         try:
-            fs.pipe_file(filesystem(probe)[1], b"")
-            fs.rm_file(filesystem(probe)[1])
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
         except Exception as e:  # noqa: BLE001
             raise explain(e, text, "writing a probe object") from e
 
@@ -291,15 +303,16 @@ def read_ranges(locations: list[str], starts: list[int], ends: list[int]) -> lis
     failure raises a StorageError naming the object.
     """
     out: list[bytes | None] = [None] * len(locations)
-    remote: dict[int, list[int]] = {}
+    remote: dict[int, tuple[Any, list[int], list[str]]] = {}  # per file system: it, indices, inner paths
     for i, location in enumerate(locations):
         if is_remote(location):
-            remote.setdefault(id(filesystem(location)[0]), []).append(i)
+            fs, inner_path = filesystem(location)
+            group = remote.setdefault(id(fs), (fs, [], []))
+            group[1].append(i)
+            group[2].append(inner_path)
         else:
             out[i] = read_range(location, starts[i], ends[i])
-    for members in remote.values():
-        fs = filesystem(locations[members[0]])[0]
-        inner = [filesystem(locations[i])[1] for i in members]
+    for fs, members, inner in remote.values():
         got = fs.cat_ranges(inner, [starts[i] for i in members], [ends[i] for i in members], on_error="return")
         for i, result in zip(members, got):
             if not isinstance(result, BaseException):
@@ -339,14 +352,7 @@ def upload(local_file: str | os.PathLike, location: str | os.PathLike) -> None:
         fs, inner = filesystem(text)
         retrying(lambda: fs.put_file(source, inner), text, "uploading")
         return
-    target = path(text)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
+    _replace_locally(path(text), lambda temporary: shutil.copyfile(source, temporary))
 
 
 def publish(local_file: str | os.PathLike, location: str | os.PathLike) -> None:

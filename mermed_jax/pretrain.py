@@ -195,9 +195,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, float]:
         try:
             writer.close()
         except Exception as e:  # noqa: BLE001 - logged; the loop's error is the one raised
-            text = str(e).strip()
-            logging.error("metrics not all written while stopping on an error (%s: %s)",
-                          type(e).__name__, text.splitlines()[0][:400] if text else "")
+            logging.error("metrics not all written while stopping on an error (%s)", storage.first_line(e))
         raise
     try:
         writer.close()  # the end of the job: a metrics write that still fails is raised here

@@ -62,11 +62,6 @@ def _set_aside(step_dir: str) -> str:
     return f"Delete this step's directory ({how})"
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:400] if text else ''}"
-
-
 class _Manager(ocp.CheckpointManager):
     """Orbax's manager, with save failures raised as CheckpointSaveError.
 
@@ -96,7 +91,7 @@ class _Manager(ocp.CheckpointManager):
     def _failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
         complete = complete_steps(self.directory)
         return CheckpointSaveError(
-            f"{self.directory}: saving the checkpoint of step {step} failed ({_first_line(error)}). "
+            f"{self.directory}: saving the checkpoint of step {step} failed ({storage.first_line(error)}). "
             f"The last complete checkpoint is step {complete[-1] if complete else None}, untouched; "
             "free space (or fix the cause) and rerun the same command to resume from it."
         )
@@ -214,7 +209,7 @@ def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: Any) ->
         others = [s for s in complete_steps(manager.directory) if s != step]
         step_dir = f"{manager.directory}/{step}"
         raise CheckpointCorruptError(
-            f"{step_dir}: the checkpoint cannot be restored ({_first_line(e)}); its files are damaged or "
+            f"{step_dir}: the checkpoint cannot be restored ({storage.first_line(e)}); its files are damaged or "
             f"incomplete. {_set_aside(step_dir)} to resume from another complete checkpoint (steps {others})."
         ) from None
 

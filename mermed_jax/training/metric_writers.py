@@ -61,11 +61,6 @@ def _step_of(name: str, prefix: str, suffix: str) -> int | None:
     return int(digits) if ok else None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:400] if text else ''}"
-
-
 class _Parts:
     """One stream of records kept as part objects `folder/prefix<first step>suffix` (module docstring)."""
 
@@ -124,7 +119,7 @@ class _Parts:
             self._write_all()
         except OSError as e:  # storage.StorageError after its retries, or a local disk's error
             logging.warning("metrics: could not write %s (%s); %d records stay buffered for the next flush",
-                            self._writing, _first_line(e), self.pending())
+                            self._writing, storage.first_line(e), self.pending())
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -133,7 +128,16 @@ class _Parts:
 
 
 class _ScalarsWriter(metric_writers.MetricWriter):
-    """A writer of scalars alone; the other kinds of summary are not logged by this project."""
+    """A writer of scalars alone, into one stream of parts; the other kinds of summary are not
+    logged by this project."""
+
+    _parts: _Parts
+
+    def flush(self) -> None:
+        self._parts.flush()
+
+    def close(self) -> None:
+        self._parts.close()
 
     def write_summaries(self, step, values, metadata=None):
         del step, values, metadata
@@ -167,12 +171,6 @@ class JsonlWriter(_ScalarsWriter):
         record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
         self._parts.add(int(step), (json.dumps(record) + "\n").encode("utf-8"))
 
-    def flush(self) -> None:
-        self._parts.flush()
-
-    def close(self) -> None:
-        self._parts.close()
-
 
 def _event(**fields: Any) -> bytes:
     return frame_record(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
@@ -188,12 +186,6 @@ class EventWriter(_ScalarsWriter):
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
         self._parts.add(int(step), _event(step=int(step), summary=summary_pb2.Summary(value=values)))
-
-    def flush(self) -> None:
-        self._parts.flush()
-
-    def close(self) -> None:
-        self._parts.close()
 
 
 class _AllWriters(metric_writers.MultiWriter):

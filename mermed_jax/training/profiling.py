@@ -35,9 +35,8 @@ class WorkdirProfile(periodic_actions.Profile):
         try:
             written = storage.upload_tree(self._local, self._workdir)
         except OSError as e:  # storage.StorageError, naming the object, or a local file's error
-            text = str(e).strip()
-            logging.warning("profile: traces not copied to %s (%s: %s); kept in %s for the next copy",
-                            self._workdir, type(e).__name__, text.splitlines()[0][:400] if text else "", self._local)
+            logging.warning("profile: traces not copied to %s (%s); kept in %s for the next copy",
+                            self._workdir, storage.first_line(e), self._local)
             return
         shutil.rmtree(self._local)
         os.makedirs(self._local)
