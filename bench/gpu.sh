@@ -28,8 +28,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 python3 -c 'import sys, jax, flax, optax, ml_collections; print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, jax.devices())'
 # XLA on GPU preallocates 75% by default; peak_bytes_in_use is measured either way.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-timeout 330 python3 bench/train_step.py --variant B/16 --batch 128 --dtype bfloat16 --steps 10 --parts \
+timeout 330 python3 bench/train_step.py --variant B/16 --batch 128 --precision mixed --steps 10 --parts \
   --peak-size 8192 --json "$out/gpu_train_step_b16_bs128.json"
 # If time is left: the same without the parts at ViT-S/16 (cheap, a second point on the curve).
-timeout 150 python3 bench/train_step.py --variant S/16 --batch 128 --dtype bfloat16 --steps 10 \
+timeout 150 python3 bench/train_step.py --variant S/16 --batch 128 --precision mixed --steps 10 \
   --peak-size 8192 --json "$out/gpu_train_step_s16_bs128.json" || echo "ViT-S/16 run skipped or timed out"

@@ -8,7 +8,7 @@ On this CPU it found the patch embedding's convolution gradient, run as a naive 
 of a ViT-S/16 step (BENCHMARKS.md).
 
 Usage:
-  .venv/bin/python bench/profile_step.py --variant S/16 --batch 8 --dtype float32 [--trace-dir DIR]
+  .venv/bin/python bench/profile_step.py --variant S/16 --batch 8 --precision mixed [--trace-dir DIR]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     seconds, counts, threads = op_kind_seconds(trace_dir)
     busy = sum(seconds.values()) / args.steps
-    print(f"{args.variant} batch {args.batch} {args.dtype}: {wall:.2f} s/step wall, {busy:.2f} busy thread-s/step "
+    print(f"{args.variant} batch {args.batch} {args.precision}: {wall:.2f} s/step wall, {busy:.2f} busy thread-s/step "
           f"on {threads} executor threads ({busy / (max(threads, 1) * wall):.0%} busy); trace in {trace_dir}")
     print(f"{'op kind':32s} {'s/step':>8s} {'share':>6s} {'calls':>7s}")
     for kind, total in sorted(seconds.items(), key=lambda kv: -kv[1])[: args.top]:

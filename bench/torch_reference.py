@@ -30,7 +30,7 @@ Setup (torch lives in its own venv; keep it out of requirements.txt):
   python3 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 numpy
 Usage:
   .venv-torch/bin/python bench/torch_reference.py --variant S/16 --batch 8 --steps 3 \
-      --jax-python .venv/bin/python --json /tmp/torch_s16.json
+      --jax-python .venv/bin/python --jax-precisions float32,mixed,bfloat16 --json /tmp/torch_s16.json
 """
 from __future__ import annotations
 
@@ -317,6 +317,31 @@ def write_loss_check(path, n_s=12, n_t=2, b=14, d=256, k=4096, block=1024, seed=
     print({k: float(v) for k, v in out.items() if k.startswith("loss")})
 
 
+def run_jax(args, precision: str, torch_bf16_peak_tflops: float) -> dict:
+    """bench/train_step.py at this benchmark's config in one policy, in a fresh interpreter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "jax.json"
+        cmd = [args.jax_python, str(pathlib.Path(__file__).with_name("train_step.py")), "--variant", args.variant,
+               "--batch", str(args.batch), "--precision", precision, "--num-local", str(args.num_local),
+               "--memory", str(args.memory), "--steps", str(args.steps), "--json", str(out),
+               "--best-peak-gflops", str(torch_bf16_peak_tflops * 1e3)]
+        if args.jax_parts:
+            cmd.append("--parts")
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def print_table(result: dict) -> None:
+    """The side-by-side rows: images/s, s/step, and each JAX policy's ratio to every torch mode."""
+    rows = [(f"torch {mode}", r.get("images_per_s"), r.get("step_s_median")) for mode, r in result["modes"].items()]
+    rows += [(f"jax {p}", r["images_per_s"], r["step_s_median"]) for p, r in result.get("jax", {}).items()]
+    print(f"\n{result['config']['variant']} batch {result['config']['batch']}:")
+    for name, ips, sec in rows:
+        print(f"  {name:22s} " + (f"{ips:6.3f} img/s {sec:7.2f} s/step" if ips else "failed"))
+    for p, ratios in result.get("ratios_jax_over_torch", {}).items():
+        print(f"  jax {p} / " + ", ".join(f"torch {m} {v:.2f}x" for m, v in ratios.items()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--variant", default="S/16")
@@ -327,7 +352,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--modes", default="bf16,bf16-compile,fp32")
     p.add_argument("--jax-python", default=None, help="also run bench/train_step.py with this interpreter")
-    p.add_argument("--jax-dtype", default="bfloat16")
+    p.add_argument("--jax-precisions", default="float32,mixed,bfloat16",
+                   help="the JAX step's precision policies to time, one subprocess each")
     p.add_argument("--jax-parts", action="store_true", help="pass --parts to the JAX run (its per-part breakdown)")
     p.add_argument("--json", default=None)
     p.add_argument("--check-loss", default=None, metavar="NPZ",
@@ -363,29 +389,26 @@ def main(argv=None):
         print(mode, json.dumps(result["modes"][mode]), flush=True)
 
     if args.jax_python:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = pathlib.Path(tmp) / "jax.json"
-            cmd = [args.jax_python, str(pathlib.Path(__file__).with_name("train_step.py")), "--variant", args.variant,
-                   "--batch", str(b), "--dtype", args.jax_dtype, "--num-local", str(args.num_local),
-                   "--memory", str(args.memory), "--steps", str(args.steps), "--json", str(out),
-                   "--best-peak-gflops", str(result["matmul_peak_tflops"]["bfloat16"] * 1e3)]
-            if args.jax_parts:
-                cmd.append("--parts")
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            jax_res = json.loads(out.read_text())
-        result["jax_full"] = jax_res
-        result["jax"] = {k: jax_res[k] for k in ("images_per_s", "step_s_median", "mfu", "mfu_vs_fp32_peak",
-                                                 "mfu_vs_given_peak", "matmul_peak_tflops", "flops_analytic",
-                                                 "flops_xla_cost_analysis", "command")}
-        flops = jax_res["flops_analytic"]
-        best_peak = max(result["matmul_peak_tflops"]["bfloat16"], jax_res["matmul_peak_tflops"]["float32"]) * 1e12
-        result["ratios_jax_over_torch"] = {}
-        for mode, r in result["modes"].items():
+        result["jax_full"], result["jax"], result["ratios_jax_over_torch"] = {}, {}, {}
+        for precision in args.jax_precisions.split(","):
+            jax_res = run_jax(args, precision, result["matmul_peak_tflops"]["bfloat16"])
+            result["jax_full"][precision] = jax_res
+            result["jax"][precision] = {k: jax_res[k] for k in (
+                "images_per_s", "step_s_median", "mfu", "mfu_vs_fp32_peak", "mfu_vs_given_peak", "matmul_peak_tflops",
+                "flops_analytic", "flops_xla_cost_analysis", "command")}
+            result["ratios_jax_over_torch"][precision] = {
+                mode: jax_res["images_per_s"] / r["images_per_s"] for mode, r in result["modes"].items()
+                if "images_per_s" in r}
+            print("jax", precision, json.dumps(result["jax"][precision]), flush=True)
+        flops = next(iter(result["jax_full"].values()))["flops_analytic"]
+        best_peak = max(result["matmul_peak_tflops"]["bfloat16"],
+                        *(r["matmul_peak_tflops"]["bfloat16"] for r in result["jax_full"].values())) * 1e12
+        for r in result["modes"].values():
             if "images_per_s" in r:
-                result["ratios_jax_over_torch"][mode] = jax_res["images_per_s"] / r["images_per_s"]
                 r["mfu_vs_torch_bf16_peak"] = flops / r["step_s_median"] / (result["matmul_peak_tflops"]["bfloat16"] * 1e12)
                 r["mfu_vs_best_peak"] = flops / r["step_s_median"] / best_peak
     print(json.dumps(result, indent=1))
+    print_table(result)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     return result

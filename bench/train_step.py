@@ -13,7 +13,8 @@ Numbers reported:
     student x3 for forward+backward, no remat), next to XLA's cost_analysis() of the compiled step
     (which also counts elementwise work and any recomputation) and their ratio.
   * MFU = analytic FLOPs / s / (devices x peak), where the peak is the best rate of a square matmul
-    jitted here, in this process, with the step's dtype (and, for reference, the other dtype too).
+    jitted here, in this process, in the policy's matmul operand dtype (and, for reference, the
+    other dtype too).
     `--best-peak-gflops` adds MFU against a peak measured elsewhere (e.g. torch's oneDNN bf16).
   * parts: separately jitted pieces, each timed alone (their sum differs from the fused step):
       student_fwd_bwd  value_and_grad of the student network on all crops (a dummy linear loss)
@@ -28,7 +29,7 @@ Imports: jax, flax, optax and ml_collections only; neither clu nor tensorflow (t
 in mermed_jax/training/metric_writers.py), checked at the end (`import_check` in the output).
 
 Usage:
-  .venv/bin/python bench/train_step.py --variant S/16 --batch 8 --dtype bfloat16
+  .venv/bin/python bench/train_step.py --variant S/16 --batch 8 --precision mixed
   .venv/bin/python bench/train_step.py --variant B/16 --batch 4 --steps 3 --parts
   (GPU: bench/gpu.sh)
 """
@@ -52,6 +53,7 @@ import numpy as np
 from data_pipelines.modalities import NUM_MODALITIES
 from mermed_jax import sharding
 from mermed_jax.models import networks
+from mermed_jax.models.precision import PRECISIONS, policy
 from mermed_jax.recipe import arguments
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.ema import ema_update
@@ -96,7 +98,7 @@ PAPER_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "mermed
 def build(args):
     config = arguments.load_config_file(PAPER_CONFIG, args.config_args)
     config.model.variant = args.variant
-    config.model.dtype = args.dtype
+    config.precision = args.precision
     config.model.remat_policy = args.remat
     config.global_batch = args.batch * jax.device_count()
     config.crops.num_global, config.crops.num_local = args.num_global, args.num_local
@@ -249,7 +251,7 @@ def argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="S/16")
     p.add_argument("--batch", type=int, default=8, help="per-device batch")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--precision", default="mixed", choices=PRECISIONS, help="the policy (mermed_jax/models/precision.py)")
     p.add_argument("--remat", default="none")
     p.add_argument("--num-global", type=int, default=2)
     p.add_argument("--num-local", type=int, default=10)
@@ -311,7 +313,7 @@ def main(argv=None) -> dict:
                     "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                     "jax": jax.__version__, "load_avg": os.getloadavg()},
         "config": {"variant": args.variant, "per_device_batch": args.batch, "global_batch": config.global_batch,
-                   "dtype": args.dtype, "remat": args.remat, "memory": config.memory.size,
+                   "precision": args.precision, "remat": args.remat, "memory": config.memory.size,
                    "crops": f"{config.crops.num_global}x{config.crops.global_size}+"
                             f"{config.crops.num_local}x{config.crops.local_size}"},
         "compile_s": compile_s,
@@ -325,7 +327,7 @@ def main(argv=None) -> dict:
         "achieved_tflops_per_device": achieved / n_dev / 1e12,
         "matmul_peak_tflops": {dt: v / 1e12 for dt, v in peaks.items()},
         "matmul_peak_n": n,
-        "mfu": achieved / (n_dev * peaks[args.dtype]),
+        "mfu": achieved / (n_dev * peaks[str(policy(args.precision).matmul_operands)]),
         "mfu_vs_fp32_peak": achieved / (n_dev * peaks["float32"]),
         "mfu_vs_best_measured_peak": achieved / (n_dev * max(peaks.values())),
         "memory": _peak_memory(compiled),

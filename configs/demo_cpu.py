@@ -28,8 +28,9 @@ def get_config(arg: str | None = None):
     config.epochs = 12
     config.model.update(dict(
         variant="Ti/4", img_size=32, width=64, depth=2, num_heads=2, mlp_dim=128,
-        dtype="float32", drop_path_rate=0.0,
+        drop_path_rate=0.0,
     ))
+    config.precision = "float32"
     config.head.update(dict(hidden_dim=256, bottleneck_dim=64))
     config.crops.update(dict(global_size=32, num_local=4, local_size=16))
     config.memory.update(dict(size=1024, partition_size=256, num_shards=8))

@@ -69,6 +69,7 @@ def with_baselines(config: ml_collections.ConfigDict, encoders: list[encoders_li
 def evaluate(config: ml_collections.ConfigDict, encoders: list[encoders_lib.Encoder], eval_dir: str | os.PathLike) -> str:
     """Runs (or resumes) the sweep over `encoders` and the baselines; returns the markdown report."""
     mesh = sharding.make_mesh((-1, 1, 1))
+    encoders = [encoders_lib.with_precision(e, config.precision) for e in encoders]
     rows = sweep.run_sweep(config, with_baselines(config, encoders), eval_dir, mesh)
     if jax.process_index() != 0:
         return ""

@@ -56,7 +56,7 @@ def _configs_from_json(checkpoint: str) -> tuple[ViTConfig, HeadConfig | None, d
     if not storage.exists(meta_path):
         raise CheckpointError(f"{checkpoint}: no --config given and no config JSON beside it ({meta_path})")
     meta = json.loads(storage.read_text(meta_path))
-    model = ViTConfig(**{field: meta["model"][field] for field in ARCH_FIELDS}, dtype="float32")
+    model = ViTConfig(**{field: meta["model"][field] for field in ARCH_FIELDS}, precision="float32")
     head = HeadConfig(**meta["head"]) if meta.get("head") else None
     return model, head, meta.get("normalization")
 

@@ -21,7 +21,7 @@ def cfg(name, arg=None):
 def test_paper_config_holds_the_recipe():
     c = cfg("mermed_vitb16")
     validate_config(c, devices=jax.devices())
-    assert c.model.variant == "B/16" and c.model.drop_path_rate == 0.1 and c.model.dtype == "bfloat16"
+    assert c.model.variant == "B/16" and c.model.drop_path_rate == 0.1 and c.precision == "mixed"
     assert (c.crops.num_global, c.crops.global_size, c.crops.num_local, c.crops.local_size) == (2, 224, 10, 96)
     assert c.global_batch == 1024 and c.epochs == 100 and derived.steps_per_epoch(c) == 3223
     assert (c.memory.size, c.memory.partition_size) == (131_072, 16_384)

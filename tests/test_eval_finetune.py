@@ -14,7 +14,7 @@ from mermed_jax.eval.eval_config import eval_recipe
 from mermed_jax.eval.protocols import finetune
 from mermed_jax.models.vit import ViT, ViTConfig
 
-CONFIG = ViTConfig(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, img_size=16, dtype="float32")
+CONFIG = ViTConfig(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, img_size=16, precision="float32")
 
 
 def _encoder() -> Encoder:

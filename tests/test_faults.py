@@ -155,7 +155,7 @@ def test_unwritable_workdir_and_outputs_fail_naming_the_path_before_any_work(tmp
     code = convert_cli.main(["folder", str(tmp_path / "images"), "--modality", "cxr", "--out", str(blocker / "out"),
                              "--dataset", "d", "--no-progress", "--workers", "1"])
     assert code == 1 and f"Not a directory: '{blocker / 'out'}" in capsys.readouterr().err
-    config_vit = ViTConfig(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4, img_size=8, dtype="float32")
+    config_vit = ViTConfig(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4, img_size=8, precision="float32")
     params = unflatten({p: np.zeros(s, np.float32) for p, s in backbone_shapes(config_vit).items()})
     with pytest.raises(OSError, match=str(blocker)):
         export_params(params, None, config_vit, blocker / "model.safetensors", "safetensors")

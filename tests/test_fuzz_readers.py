@@ -47,7 +47,7 @@ pytestmark = pytest.mark.fuzz
 
 WINDOWS = (Window("abdomen", 40, 400), Window("lung", -600, 1500), Window("bone", 400, 1800))
 PAYLOADS = [bytes([i]) * (5 + 7 * i) for i in range(6)]
-TINY = ViTConfig(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4, img_size=8, dtype="float32")
+TINY = ViTConfig(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4, img_size=8, precision="float32")
 
 
 def _scratch(tmp_path_factory, name: str) -> pathlib.Path:

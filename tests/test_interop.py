@@ -44,9 +44,9 @@ from mermed_jax.models.vit import ViT, ViTConfig
 from mermed_jax.training.init_from_pretrained import initialize_from_pretrained
 from mermed_jax.training.train_state import TrainState
 
-SMALL = ViTConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=4, img_size=32, dtype="float32")
+SMALL = ViTConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=4, img_size=32, precision="float32")
 SMALL_HEAD = HeadConfig(hidden_dim=32, bottleneck_dim=16)
-B16 = ViTConfig.from_variant("B/16", dtype="float32")
+B16 = ViTConfig.from_variant("B/16", precision="float32")
 
 
 # --------------------------------------------------------------------------- NumPy reference (timm layout)
@@ -204,6 +204,24 @@ def test_timm_checkpoint_matches_numpy_reference_b16(timm_b16, size):
     for key in ("cls", "patch_mean"):
         np.testing.assert_allclose(ours[key], ref[key], atol=1e-4, rtol=0)
     assert np.abs(ref["cls"]).max() > 0.5  # outputs are not trivially small
+
+
+# Relative error ||ours - reference|| / ||reference|| of a timm checkpoint's output under each policy
+# (measured at 96 px: mixed RTOL_MIXED_MEASURED, bfloat16 RTOL_BF16_MEASURED).
+POLICY_RTOL = {"mixed": 2e-2, "bfloat16": 5e-2}
+
+
+@pytest.mark.parametrize("precision", list(POLICY_RTOL))
+def test_timm_checkpoint_under_each_policy_matches_the_reference_to_its_rounding(timm_b16, precision):
+    sd, _, weights = timm_b16
+    params = jax.tree.map(jnp.asarray, unflatten(weights.backbone))
+    image = np.random.default_rng(96).standard_normal((2, 96, 96, 3)).astype(np.float32)
+    ours = _ours(dataclasses.replace(B16, precision=precision), params, image)
+    ref = reference_forward(sd, image.transpose(0, 3, 1, 2), num_heads=12)
+    for key in ("cls", "patch_mean"):
+        error = np.linalg.norm(ours[key] - ref[key]) / np.linalg.norm(ref[key])
+        print(precision, key, error)
+        assert error < POLICY_RTOL[precision], (key, error)
 
 
 def test_b16_export_reproduces_the_timm_file(timm_b16, tmp_path):

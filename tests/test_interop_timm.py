@@ -34,8 +34,8 @@ from mermed_jax.training import checkpointing  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
-B16 = ViTConfig.from_variant("B/16", dtype="float32")
-SMALL = ViTConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=4, img_size=32, dtype="float32",
+B16 = ViTConfig.from_variant("B/16", precision="float32")
+SMALL = ViTConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=4, img_size=32, precision="float32",
                   num_registers=2, layerscale_init=0.1)
 
 

@@ -161,7 +161,7 @@ def test_koleo_term_is_the_mean_over_the_global_crops():
 
     student, teacher, memory, modality, partition = _case(np.full(SIZE, -1), [0] * BATCH)
     config = ml_collections.ConfigDict({"loss": {"student_temp": 0.1, "koleo_weight": 0.5},
-                                        "crops": {"num_global": N_TEACHER}})
+                                        "crops": {"num_global": N_TEACHER}, "precision": "float32"})
     e = Embeddings(student=jnp.asarray(student), teacher=jnp.asarray(teacher), memory=memory,
                    modality=jnp.asarray(modality), partition=partition, teacher_temp=jnp.float32(0.05))
     metrics = make_objective(config)(e)

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mermed_jax.models import precision
 from mermed_jax.models.head import HeadConfig, MultiCropNetwork, ProjectionHead
 from mermed_jax.models.pos_embed import resize_pos_embed_grid
 from mermed_jax.models.vit import PatchEmbed, ViT, ViTConfig, exact_gelu
 
-TINY = dict(width=32, depth=3, num_heads=2, mlp_dim=64, img_size=32, dtype="float32")
+TINY = dict(width=32, depth=3, num_heads=2, mlp_dim=64, img_size=32, precision="float32")
 
 
 def _tiny(**kw):
@@ -144,7 +145,7 @@ def test_registers_layerscale_and_bf16_compute():
     assert params["blocks_0"]["ls1"]["gamma"].shape == (32,)
     images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 16, 16, 3)), jnp.float32)
     out32 = ViT(cfg).apply({"params": params}, images, train=False)
-    out16 = ViT(_tiny(num_registers=4, layerscale_init=1e-5, dtype="bfloat16")).apply({"params": params}, images, train=False)
+    out16 = ViT(_tiny(num_registers=4, layerscale_init=1e-5, precision="bfloat16")).apply({"params": params}, images, train=False)
     assert out16["cls"].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out16["cls"]), np.asarray(out32["cls"]), atol=0.1)
 
@@ -172,7 +173,7 @@ def test_patch_embed_is_the_stride_p_convolution():
     """PatchEmbed computes a VALID stride-p convolution as one dot (kernel [p, p, 3, width]), leftover
     pixels dropped; its gradients match too."""
     images = jax.random.normal(jax.random.key(0), (3, 40, 56, 3))
-    module = PatchEmbed(width=8, patch_size=16, dtype=jnp.float32)
+    module = PatchEmbed(width=8, patch_size=16, policy=precision.policy("float32"))
     params = module.init(jax.random.key(1), images)["params"]
     params = {"kernel": nn.unbox(params["kernel"]), "bias": jax.random.normal(jax.random.key(2), (8,))}
 

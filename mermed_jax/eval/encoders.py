@@ -71,8 +71,15 @@ def pixel_statistics(workdir: str | os.PathLike, pretrain_config: ml_collections
 
 
 def eval_vit_config(pretrain_config: ml_collections.ConfigDict) -> ViTConfig:
-    """The teacher's architecture, in fp32 (features feed probes; bf16 rounding buys nothing here)."""
-    return dataclasses.replace(networks.backbone_config(pretrain_config, teacher=True), dtype="float32")
+    """The teacher's architecture, in fp32 (evaluation sets its own policy: `with_precision`)."""
+    return dataclasses.replace(networks.backbone_config(pretrain_config, teacher=True), precision="float32")
+
+
+def with_precision(encoder: Encoder, precision: str) -> Encoder:
+    """`encoder` computing under a precision policy (models/precision.py); raw pixels have none."""
+    if encoder.config is None:
+        return encoder
+    return dataclasses.replace(encoder, config=dataclasses.replace(encoder.config, precision=precision))
 
 
 def from_checkpoint(workdir: str | os.PathLike, step: int | None, normalization: str = "pretrain") -> Encoder:

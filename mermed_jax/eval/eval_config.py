@@ -9,6 +9,7 @@ from ml_collections import config_dict
 from mermed_jax.eval import protocols
 from mermed_jax.eval.encoders import NORMALIZATIONS
 from mermed_jax.eval.protocols.linear_probe import DEFAULT_CS
+from mermed_jax.models.precision import PRECISIONS
 
 FEATURES = ("cls", "patch_mean")
 
@@ -35,8 +36,10 @@ def eval_recipe() -> ml_collections.ConfigDict:
         image_size=224, crop_fraction=0.875, batch_size=64, epochs=50, warmup_epochs=10,
         max_steps=config_dict.placeholder(int),  # stop early (the schedule still spans all epochs)
         base_lr=5e-3, min_lr=1e-6, layer_decay=0.65, weight_decay=0.05, drop_path=0.2,
-        label_smoothing=0.1, erase_prob=0.25, randaug_ops=2, randaug_magnitude=9.0, dtype="float32",
+        label_smoothing=0.1, erase_prob=0.25, randaug_ops=2, randaug_magnitude=9.0,
     ))
+    # The precision policy (models/precision.py) of feature extraction and fine-tuning.
+    c.precision = "float32"
     c.bootstrap = ml_collections.ConfigDict(dict(resamples=1000, seed=0))
     c.plots = True
     c.watch = ml_collections.ConfigDict(dict(poll_seconds=60.0, idle_timeout_seconds=3600.0))
@@ -55,6 +58,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for b in config.baselines:
         if b not in ("random", "pixels"):
             raise ValueError(f"baselines: {b!r} is not one of ('random', 'pixels')")
+    if config.get("precision") not in PRECISIONS:
+        raise ValueError(f"precision: {config.get('precision')!r} is not one of {PRECISIONS}")
+    if "dtype" in config.finetune:
+        raise ValueError("finetune.dtype: replaced by the top-level precision (float32, mixed or bfloat16)")
     if config.normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization: {config.normalization!r} is not one of {NORMALIZATIONS}")
     for fraction in config.label_fractions:

@@ -141,6 +141,7 @@ def _fingerprint(encoder: Encoder, data: eval_pipeline.EvalConfig, pixel_size: i
         records=manifest.splits[data.split].num_records if data.split in manifest.splits else None,
         image_size=data.image_size, crop_fraction=data.crop_fraction,
         pixel_size=pixel_size if encoder.kind == PIXELS else None,
+        precision=encoder.config.precision if encoder.config is not None else None,
     ), sort_keys=True)
 
 

@@ -68,7 +68,7 @@ def load_encoder(path: str | os.PathLike) -> ExportedEncoder:
     if not storage.exists(meta_path):
         raise CheckpointError(f"{path}: no config JSON beside it ({meta_path}); export with mermed_jax.export")
     meta = json.loads(storage.read_text(meta_path))
-    config = ViTConfig(**{field: meta["model"][field] for field in ARCH_FIELDS}, dtype="float32")
+    config = ViTConfig(**{field: meta["model"][field] for field in ARCH_FIELDS}, precision="float32")
     weights = load_weights(path, config)
     if weights.report.missing:
         raise CheckpointError(f"{path}: the backbone is incomplete\n{weights.report.summary()}")

@@ -37,7 +37,7 @@ def path_str(path: Path) -> str:
 
 def backbone_shapes(config: ViTConfig) -> dict[Path, Shape]:
     """Shapes of an unrolled backbone's leaves, found by tracing init (nothing is allocated)."""
-    unrolled = dataclasses.replace(config, scan_layers=False, dtype="float32")
+    unrolled = dataclasses.replace(config, scan_layers=False, precision="float32")
     images = jnp.zeros((1, config.patch_size, config.patch_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda: ViT(unrolled).init(jax.random.key(0), images, train=False))
     return {path: tuple(leaf.shape) for path, leaf in flatten(nn.unbox(variables["params"])).items()}

@@ -31,7 +31,7 @@ from mermed_jax.models.vit import ViTConfig
 
 FORMATS = {"msgpack": files.MSGPACK, "safetensors": files.SAFETENSORS, "pth": ".pth"}
 # What DINO's ImageNet initialisation expects; the default when no per-modality statistics are given.
-# ViTConfig fields that describe the function; the rest (dtype, remat, drop path, scan) are training choices.
+# ViTConfig fields that describe the function; the rest (precision, remat, drop path, scan) are training choices.
 ARCH_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "img_size", "num_registers", "layerscale_init")
 _TIMM_NAMES = {
     (192, 12, 3, 768, 16, 224): "vit_tiny_patch16_224",

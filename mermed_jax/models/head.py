@@ -13,6 +13,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mermed_jax.models import precision as precision_lib
 from mermed_jax.models.vit import ViT, ViTConfig, exact_gelu
 
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -28,15 +29,20 @@ class HeadConfig:
 
 
 class ProjectionHead(nn.Module):
+    """Activations, BatchNorm and the normalisation in fp32 whatever the policy; the policy decides
+    only its matmuls' operands."""
+
     config: HeadConfig
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
+        dot_general = precision_lib.policy(self.precision).head().dot_general
         x = x.astype(jnp.float32)
         for i in range(cfg.num_layers - 1):
             x = nn.Dense(
-                cfg.hidden_dim, name=f"mlp_{i}",
+                cfg.hidden_dim, dot_general=dot_general, name=f"mlp_{i}",
                 kernel_init=nn.with_logical_partitioning(_dense_init, ("embed", "mlp")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
             )(x)
@@ -48,7 +54,7 @@ class ProjectionHead(nn.Module):
                 )(x)
             x = exact_gelu(x)
         x = nn.Dense(
-            cfg.bottleneck_dim, name=f"mlp_{cfg.num_layers - 1}",
+            cfg.bottleneck_dim, dot_general=dot_general, name=f"mlp_{cfg.num_layers - 1}",
             kernel_init=nn.with_logical_partitioning(_dense_init, ("mlp", "bottleneck")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("bottleneck",)),
         )(x)
@@ -82,5 +88,5 @@ class MultiCropNetwork(nn.Module):
             features.append(out[self.pool].reshape(batch, n_crops, -1))
         stacked = jnp.concatenate(features, axis=1)
         batch, n_total, width = stacked.shape
-        embeddings = ProjectionHead(self.head, name="head")(stacked.reshape(batch * n_total, width))
+        embeddings = ProjectionHead(self.head, self.backbone.precision, name="head")(stacked.reshape(batch * n_total, width))
         return jnp.swapaxes(embeddings.reshape(batch, n_total, -1), 0, 1)

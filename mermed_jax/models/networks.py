@@ -22,7 +22,7 @@ def backbone_config(config: ml_collections.ConfigDict, *, teacher: bool) -> ViTC
         width=m.get("width"), depth=m.get("depth"), num_heads=m.get("num_heads"), mlp_dim=m.get("mlp_dim"),
         img_size=m.img_size, num_registers=m.num_registers, layerscale_init=m.layerscale_init,
         drop_path_rate=0.0 if teacher else m.drop_path_rate,
-        dtype=m.dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+        precision=config.precision, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
     )
 
 

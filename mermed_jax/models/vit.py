@@ -16,10 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mermed_jax.models import precision as precision_lib
 from mermed_jax.models.pos_embed import resize_pos_embed_grid
 from mermed_jax.sharding import dense_general_partitioning
-
-Dtype = Any
 
 # width, depth, heads, mlp_dim. "g" is the ViT-g of Zhai et al. (Scaling Vision Transformers).
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -36,9 +35,6 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-# Compute dtypes of the backbone (parameters stay float32).
-DTYPES = ("float32", "bfloat16")
 
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 LN_EPS = 1e-6
@@ -82,32 +78,43 @@ class LayerScale(nn.Module):
         return x * gamma.astype(x.dtype)
 
 
-def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+def _layer_norm(name: str, policy: precision_lib.Policy) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=LN_EPS, dtype=dtype, name=name,
+        epsilon=LN_EPS, dtype=policy.activations, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
     )
 
 
+def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                          policy: precision_lib.Policy) -> jnp.ndarray:
+    """softmax(q k^T / sqrt(d)) v over [B, T, heads, d] inputs, with fp32 logits and softmax in every
+    policy. jax.nn.dot_product_attention's XLA path computes the same, but pins bf16 logits to a
+    dot algorithm that XLA:CPU runs outside its fast matmul library."""
+    logits = policy.einsum("btnh,bsnh->bnts", q, k, result=jnp.float32, rounded_gradient=False)
+    probs = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1)
+    return policy.einsum("bnts,bsnh->btnh", probs, v, rounded_gradient=False)
+
+
 class Attention(nn.Module):
     num_heads: int
-    dtype: Dtype
+    policy: precision_lib.Policy
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         width = x.shape[-1]
         head_dim = width // self.num_heads
         qkv = nn.DenseGeneral(
-            (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
+            (3, self.num_heads, head_dim), dtype=self.policy.activations, dot_general=self.policy.dot_general,
+            name="qkv",
             kernel_init=dense_general_partitioning(_dense_init, ("embed", None, "heads", "kv")),
             bias_init=dense_general_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = dot_product_attention(q, k, v, self.policy)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
         return nn.DenseGeneral(
-            width, axis=(-2, -1), dtype=self.dtype, name="proj",
+            width, axis=(-2, -1), dtype=self.policy.activations, dot_general=self.policy.dot_general, name="proj",
             kernel_init=dense_general_partitioning(_dense_init, ("heads", "kv", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         )(out)
@@ -115,19 +122,19 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     hidden_dim: int
-    dtype: Dtype
+    policy: precision_lib.Policy
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         width = x.shape[-1]
         h = nn.Dense(
-            self.hidden_dim, dtype=self.dtype, name="fc1",
+            self.hidden_dim, dtype=self.policy.activations, dot_general=self.policy.dot_general, name="fc1",
             kernel_init=nn.with_logical_partitioning(_dense_init, ("embed", "mlp")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
         )(x)
         h = nn.with_logical_constraint(exact_gelu(h), ("act_batch", "act_length", "act_mlp"))
         return nn.Dense(
-            width, dtype=self.dtype, name="fc2",
+            width, dtype=self.policy.activations, dot_general=self.policy.dot_general, name="fc2",
             kernel_init=nn.with_logical_partitioning(_dense_init, ("mlp", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         )(h)
@@ -140,16 +147,16 @@ class Block(nn.Module):
     mlp_dim: int
     layerscale_init: float | None
     deterministic: bool
-    dtype: Dtype
+    policy: precision_lib.Policy
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, drop_rate: jnp.ndarray) -> jnp.ndarray:
         drop = DropPath(self.deterministic, name="drop_path")
-        y = Attention(self.num_heads, self.dtype, name="attn")(_layer_norm("norm1", self.dtype)(x))
+        y = Attention(self.num_heads, self.policy, name="attn")(_layer_norm("norm1", self.policy)(x))
         if self.layerscale_init is not None:
             y = LayerScale(self.layerscale_init, name="ls1")(y)
         x = x + drop(y, drop_rate)
-        y = Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
+        y = Mlp(self.mlp_dim, self.policy, name="mlp")(_layer_norm("norm2", self.policy)(x))
         if self.layerscale_init is not None:
             y = LayerScale(self.layerscale_init, name="ls2")(y)
         x = x + drop(y, drop_rate)
@@ -177,7 +184,7 @@ class ViTConfig:
     num_registers: int = 0
     layerscale_init: float | None = None
     drop_path_rate: float = 0.0
-    dtype: str = "bfloat16"
+    precision: str = "mixed"  # a policy of precision.py
     remat_policy: str = "none"
     scan_layers: bool = False
 
@@ -202,7 +209,7 @@ class PatchEmbed(nn.Module):
 
     width: int
     patch_size: int
-    dtype: Dtype
+    policy: precision_lib.Policy
 
     @nn.compact
     def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -215,11 +222,11 @@ class PatchEmbed(nn.Module):
         )
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                           (self.width,), jnp.float32)
-        patches = images[:, : grid_h * p, : grid_w * p].astype(self.dtype)
+        patches = images[:, : grid_h * p, : grid_w * p].astype(self.policy.matmul_operands)
         patches = patches.reshape(batch, grid_h, p, grid_w, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, grid_h, grid_w, p * p * channels)
-        flat_kernel = kernel.reshape(p * p * channels, self.width).astype(self.dtype)
-        return patches @ flat_kernel + bias.astype(self.dtype)
+        flat_kernel = kernel.reshape(p * p * channels, self.width)
+        return self.policy.einsum("bhwk,kc->bhwc", patches, flat_kernel) + bias.astype(self.policy.activations)
 
 
 class ViT(nn.Module):
@@ -231,10 +238,11 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images: jnp.ndarray, *, train: bool) -> dict[str, jnp.ndarray]:
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
+        policy = precision_lib.policy(cfg.precision)
+        dtype = policy.activations
         if cfg.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={cfg.remat_policy!r}: expected one of {list(REMAT_POLICIES)}")
-        x = PatchEmbed(cfg.width, cfg.patch_size, dtype, name="patch_embed")(images)
+        x = PatchEmbed(cfg.width, cfg.patch_size, policy, name="patch_embed")(images)
         batch, grid_h, grid_w, _ = x.shape
         x = x.reshape(batch, grid_h * grid_w, cfg.width)
 
@@ -263,7 +271,7 @@ class ViT(nn.Module):
         x = self._blocks(x, train)
         prefix = 1 + cfg.num_registers
         patch_mean_prenorm = x[:, prefix:].astype(jnp.float32).mean(axis=1)
-        x = _layer_norm("norm", dtype)(x)
+        x = _layer_norm("norm", policy)(x)
         return {
             "cls": x[:, 0].astype(jnp.float32),
             "patch_mean": x[:, prefix:].astype(jnp.float32).mean(axis=1),
@@ -276,7 +284,7 @@ class ViT(nn.Module):
         rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth) if cfg.depth > 1 else jnp.zeros((1,))
         block_kwargs = dict(
             num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, layerscale_init=cfg.layerscale_init,
-            deterministic=not train or cfg.drop_path_rate == 0.0, dtype=jnp.dtype(cfg.dtype),
+            deterministic=not train or cfg.drop_path_rate == 0.0, policy=precision_lib.policy(cfg.precision),
         )
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.scan_layers:

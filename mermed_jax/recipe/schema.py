@@ -9,7 +9,8 @@ configs/*.py start from.
 
 Derived values (steps per epoch and what follows from it) are deliberately not keys: they are
 computed where used (`derived.py`), so a `--config.global_batch=...` override cannot leave them
-stale. `model.dtype` is a key of its own so that a precision policy can replace it in one place.
+stale. `precision` names a policy of models/precision.py: it covers the backbone, the head and the
+memory similarities, so it is a top-level key rather than one of the model's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from data_pipelines import normalization
 from data_pipelines.batch_spec import MultiCropConfig
 from data_pipelines.train_config import FROM_OUTSIDE_DATA_SECTION, TrainConfig
 from mermed_jax.models.head import HeadConfig
-from mermed_jax.models.vit import DTYPES, REMAT_POLICIES, ViTConfig, parse_variant
+from mermed_jax.models.precision import PRECISIONS
+from mermed_jax.models.vit import REMAT_POLICIES, ViTConfig, parse_variant
 from mermed_jax.sharding import GRANULES
 
 POOLS = ("cls", "patch_mean")
@@ -56,7 +58,6 @@ class Model:
     drop_path_rate: float = key(0.1, ge=0.0, lt=1.0)
     num_registers: int = key(_module_default(ViTConfig, "num_registers"), ge=0)
     layerscale_init: float | None = key(_module_default(ViTConfig, "layerscale_init"))
-    dtype: str = key(_module_default(ViTConfig, "dtype"), choices=DTYPES)
     remat_policy: str = key(_module_default(ViTConfig, "remat_policy"), choices=tuple(REMAT_POLICIES))
     scan_layers: bool = key(_module_default(ViTConfig, "scan_layers"))
     pool: str = key("cls", choices=POOLS)
@@ -168,6 +169,8 @@ class Recipe:
     # How often logged metrics reach the workdir (metric_writers: whole part objects, which an object
     # store needs); a crash loses at most this many seconds of them. 0: at every logged step.
     log_flush_seconds: float = key(60.0, ge=0.0)
+    # The precision policy (models/precision.py); "mixed" is PyTorch's bf16 autocast.
+    precision: str = key(_module_default(ViTConfig, "precision"), choices=PRECISIONS)
     max_skipped_steps: int = key(10)  # consecutive non-finite updates before the job stops
     # Peak FLOP/s per device for MFU; None: from the device kind (training/flops.py).
     peak_tflops_per_device: float | None = key(None, gt=0.0)

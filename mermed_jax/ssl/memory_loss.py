@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from data_pipelines.modalities import NUM_MODALITIES
+from mermed_jax.models import precision as precision_lib
 from mermed_jax.sharding import BATCH_AXES
 from mermed_jax.ssl.memory import MemoryState
 
@@ -48,7 +49,8 @@ def _masked_log_softmax(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 def _block_sums(student: jnp.ndarray, teacher: jnp.ndarray, queue: jnp.ndarray, ids: jnp.ndarray,
                 modality: jnp.ndarray, columns: jnp.ndarray, student_temp: jnp.ndarray,
-                teacher_temp: jnp.ndarray, gating: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
+                teacher_temp: jnp.ndarray, gating: jnp.ndarray, axes: tuple[str, ...],
+                policy: precision_lib.Policy) -> jnp.ndarray:
     """[4 + NUM_MODALITIES] sums over this device's rows: cross-entropy, teacher and student
     entropy, valid rows, then the cross-entropy of each modality's rows.
 
@@ -64,12 +66,12 @@ def _block_sums(student: jnp.ndarray, teacher: jnp.ndarray, queue: jnp.ndarray, 
         return jax.lax.all_gather(x, axes, axis=0, tiled=True) if axes else x
 
     def block(totals, block_columns):
-        keys = gather(queue[block_columns])  # [P, d]
+        keys = gather(queue[block_columns].astype(policy.memory_matmul_operands))  # [P, d]
         key_ids = gather(ids[block_columns])  # [P]
         mask = jnp.logical_or(~gating, key_ids[None, :] == modality[:, None])  # [B, P]
         valid_row = jnp.any(mask, axis=-1)  # [B]
-        s_logp = _masked_log_softmax(jnp.einsum("nbd,pd->nbp", student, keys) / student_temp, mask)
-        t_logp = _masked_log_softmax(jnp.einsum("nbd,pd->nbp", teacher, keys) / teacher_temp, mask)
+        s_logp = _masked_log_softmax(policy.memory_einsum("nbd,pd->nbp", student, keys) / student_temp, mask)
+        t_logp = _masked_log_softmax(policy.memory_einsum("nbd,pd->nbp", teacher, keys) / teacher_temp, mask)
         t_prob = jnp.exp(t_logp)
         s_logp_safe = jnp.where(mask, s_logp, 0.0)
         t_logp_safe = jnp.where(mask, t_logp, 0.0)
@@ -100,6 +102,7 @@ def memory_cross_entropy(
     teacher_temp: float | jnp.ndarray,
     gating: jnp.ndarray,
     mesh: Mesh | None = None,
+    precision: str = "float32",
 ) -> dict[str, jnp.ndarray]:
     """Gated block cross-entropy between teacher and student similarities to the memory.
 
@@ -113,6 +116,8 @@ def memory_cross_entropy(
       gating: scalar bool; when True, other-modality entries are masked.
       mesh: when given, the sharded scheme of the module docstring (batch and queue split over
         the mesh's data x fsdp devices); the result is the same.
+      precision: the policy (models/precision.py) whose memory operands the similarities use;
+        softmaxes and sums are fp32 in every policy.
     Returns:
       dict with `loss` and per-row mean `teacher_entropy`, `student_entropy`, and
       `valid_fraction` (rows whose block had at least one same-modality entry); `rows_by_modality`
@@ -120,6 +125,7 @@ def memory_cross_entropy(
       over those rows alone (NaN for a modality with no rows), so that `loss` is their
       row-weighted mean.
     """
+    policy = precision_lib.policy(precision)
     n_student, batch, dim = student.shape
     n_teacher = teacher.shape[0]
     rows_per_shard = memory.ids.shape[1]
@@ -140,7 +146,7 @@ def memory_cross_entropy(
         # This device's shards as rows [R, d]; its columns as indices into them.
         first_row = jax.lax.axis_index(axes) * queue.shape[0] * rows_per_shard if axes else 0
         return _block_sums(student, teacher, queue.reshape(-1, dim), ids.reshape(-1), modality,
-                           partition - first_row, student_temp, teacher_temp, gating, axes)
+                           partition - first_row, student_temp, teacher_temp, gating, axes, policy)
 
     if mesh is None:
         totals = local_sums(*args)

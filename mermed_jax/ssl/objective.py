@@ -38,10 +38,11 @@ class Embeddings:
 TermFn = Callable[[Embeddings], tuple[jnp.ndarray, Metrics]]
 
 
-def _memory_term(e: Embeddings, *, student_temp: float, mesh: Mesh | None) -> tuple[jnp.ndarray, Metrics]:
+def _memory_term(e: Embeddings, *, student_temp: float, mesh: Mesh | None,
+                 precision: str) -> tuple[jnp.ndarray, Metrics]:
     metrics = memory_cross_entropy(
         e.student, e.teacher, e.memory, e.modality, e.partition, student_temp=student_temp,
-        teacher_temp=e.teacher_temp, gating=memory_lib.is_full(e.memory), mesh=mesh,
+        teacher_temp=e.teacher_temp, gating=memory_lib.is_full(e.memory), mesh=mesh, precision=precision,
     )
     return metrics.pop("loss"), metrics
 
@@ -54,7 +55,8 @@ def _koleo_term(e: Embeddings, *, num_global: int) -> tuple[jnp.ndarray, Metrics
 def massl_terms(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dict[str, tuple[float, TermFn]]:
     """{metric name: (weight, term)}: the objective's only list of terms."""
     return {
-        "memory_loss": (1.0, functools.partial(_memory_term, student_temp=config.loss.student_temp, mesh=mesh)),
+        "memory_loss": (1.0, functools.partial(_memory_term, student_temp=config.loss.student_temp, mesh=mesh,
+                                               precision=config.precision)),
         "koleo": (config.loss.koleo_weight, functools.partial(_koleo_term, num_global=config.crops.num_global)),
     }
 

@@ -295,7 +295,10 @@ def load_config(workdir: str | os.PathLike) -> Any:
     path = storage.join(workdir, CONFIG_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: not a pretraining workdir (no {CONFIG_FILE})")
-    return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
+    saved = json.loads(storage.read_text(path))
+    if "dtype" in saved.get("model", {}):  # written before precision policies: model.dtype was one
+        saved.setdefault("precision", saved["model"].pop("dtype"))
+    return ml_collections.ConfigDict(saved)
 
 
 # What a teacher-only restore reads: the teacher's backbone; with the head, also the head and its

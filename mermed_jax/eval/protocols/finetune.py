@@ -83,7 +83,7 @@ def finetune(cfg: ml_collections.ConfigDict, encoder: Encoder, task: str, num_cl
     train_images: uint8 [N, L, L, 3] at the resize resolution (random crops of cfg.image_size come
     from them); test_images: uint8 [M, S, S, 3], already centre-cropped to cfg.image_size.
     """
-    vit = dataclasses.replace(encoder.config, drop_path_rate=cfg.drop_path, dtype=cfg.dtype)
+    vit = dataclasses.replace(encoder.config, drop_path_rate=cfg.drop_path)  # the eval config's precision (evaluate.py)
     model = FineTuneNet(vit, num_classes)
     devices = sharding.num_batch_shards(mesh)
     batch = min(cfg.batch_size, len(train_images)) // devices * devices
