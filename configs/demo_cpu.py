@@ -10,11 +10,14 @@ Command (what `make demo` runs):
   python -m mermed_jax.evaluate --config=configs/eval_demo.py --workdir=workdirs/demo
   python -m mermed_jax.export --workdir=workdirs/demo --format=safetensors \
       --out=workdirs/demo/export/teacher.safetensors
-Expected: 600 steps in about 4 minutes on a 2-core CPU (shared), then linear-probe AUROC of the
-teacher above the random network's on all seven modalities; measured 2026-11-29 (AMD EPYC, jax
-0.12, per-step teacher-temperature warm-up): CT 0.913 vs 0.786, CXR 0.932 vs 0.839, US 0.967 vs
-0.827, pathology 0.969 vs 0.873, CFP 0.955 vs 0.927, OCT 0.906 vs 0.896, derm 0.834 vs 0.766
-(52 test images each; mean 0.925 vs 0.845, raw pixels 0.769).
+Precision `mixed`, the fastest policy on a 2-core CPU (600 steps in 31 s, against 36 s in float32
+and 39 s in bfloat16; BENCHMARKS.md: precision policies).
+
+Expected: 600 steps in about a minute on a 2-core CPU, then linear-probe AUROC of the teacher
+above the random network's on all seven modalities; measured 2026-11-30 (AMD EPYC, jax 0.12):
+CT 0.906 vs 0.786, CXR 0.925 vs 0.839, US 0.936 vs 0.827, pathology 0.924 vs 0.873, CFP 0.961 vs
+0.927, OCT 0.937 vs 0.896, derm 0.800 vs 0.766 (52 test images each; mean 0.913 vs 0.845, raw
+pixels 0.769; in float32: mean 0.925).
 """
 
 from data_pipelines.modalities import MODALITIES
@@ -30,7 +33,6 @@ def get_config(arg: str | None = None):
         variant="Ti/4", img_size=32, width=64, depth=2, num_heads=2, mlp_dim=128,
         drop_path_rate=0.0,
     ))
-    config.precision = "float32"
     config.head.update(dict(hidden_dim=256, bottleneck_dim=64))
     config.crops.update(dict(global_size=32, num_local=4, local_size=16))
     config.memory.update(dict(size=1024, partition_size=256, num_shards=8))

@@ -4,6 +4,8 @@ r"""MerMED-FM pretraining: ViT-B/16, MaSSL with modality gating (arXiv 2507.0018
 embeddings in blocks of 16,384, AdamW (base LR 5e-5 x batch/256, layer decay 0.8, WD 0.04 -> 0.4),
 EMA momentum 0.9995 -> 1, 100-epoch schedules over ~3.3M images (3,223 steps per epoch); the paper
 releases the teacher at epoch 50. Student and teacher start from ImageNet DINO ViT-B/16.
+Precision `mixed` (the schema's default): bf16 matmul operands with fp32 accumulation, fp32
+everywhere else, as PyTorch's bf16 autocast and big_vision's ViTs on TPU (README: Precision).
 
 Command:
   python -m mermed_jax.pretrain --config=configs/mermed_vitb16.py --workdir=gs://bucket/mermed_b16

@@ -20,6 +20,7 @@ from data_pipelines.sources.synthetic import write_demo_data
 from mermed_jax import pretrain, sharding
 from mermed_jax.interop.weight_export import export_params
 from mermed_jax.models import networks
+from mermed_jax.models.precision import PRECISIONS
 from mermed_jax.ssl import schedules as schedules_lib
 from mermed_jax.training import checkpointing, metric_writers, train_state
 
@@ -82,15 +83,16 @@ def _assert_states_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dirs):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dirs, precision):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _run(straight, _overrides(data_dirs))
-    proc = _start(killed, _overrides(data_dirs, **{"data.worker_count": 1}))
+    _run(straight, _overrides(data_dirs, precision=precision))
+    proc = _start(killed, _overrides(data_dirs, precision=precision, **{"data.worker_count": 1}))
     wait_for(lambda: N in _complete_steps(killed), proc, timeout=JOB_TIMEOUT_S)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: Grain's worker process too
     assert proc.wait() == -signal.SIGKILL
     assert 2 * N not in _complete_steps(killed)
-    _run(killed, _overrides(data_dirs, **{"data.worker_count": 1}))
+    _run(killed, _overrides(data_dirs, precision=precision, **{"data.worker_count": 1}))
 
     state_a, _, step_a = checkpointing.load_train_state(straight)
     state_b, _, step_b = checkpointing.load_train_state(killed)
