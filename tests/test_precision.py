@@ -6,6 +6,8 @@ student network's forward and backward pass), not from the modules' arguments, s
 ignores the policy shows up here.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +15,15 @@ import pytest
 from repo import pixel_stats
 
 from mermed_jax import sharding
+from mermed_jax.eval.eval_config import eval_recipe
+from mermed_jax.eval.eval_config import validate as validate_eval
 from mermed_jax.models import networks
 from mermed_jax.models.precision import POLICIES, PRECISIONS
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.memory_loss import memory_cross_entropy
 from mermed_jax.ssl.schedules import build_schedules
-from mermed_jax.training import train_state, train_step
+from mermed_jax.recipe import validation
+from mermed_jax.training import checkpointing, train_state, train_step
 
 F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 TRANSCENDENTAL = ("erf", "erfc", "exp", "log", "rsqrt", "tanh", "logistic")
@@ -153,3 +158,23 @@ def test_one_step_on_real_images_agrees_with_float32(realdata, tmp_path, tiny_co
     print("memory loss of one step on real images:", losses)
     for precision in ("mixed", "bfloat16"):
         assert losses[precision] == pytest.approx(losses["float32"], rel=1e-2), losses
+
+
+def test_a_workdir_from_before_policies_reads_model_dtype_as_precision(tmp_path, tiny_config):
+    saved = tiny_config().to_dict()
+    del saved["precision"]
+    saved["model"]["dtype"] = "bfloat16"
+    (tmp_path / checkpointing.CONFIG_FILE).write_text(json.dumps(saved))
+    loaded = checkpointing.load_config(tmp_path)
+    assert loaded.precision == "bfloat16" and "dtype" not in loaded.model
+    assert networks.backbone_config(loaded, teacher=True).precision == "bfloat16"
+
+
+def test_a_wrong_policy_is_refused_by_name(tiny_config):
+    with pytest.raises(ValueError, match="precision"):
+        validation.check_keys_and_values(tiny_config("precision=float16"))
+    eval_config = eval_recipe()
+    eval_config.datasets = {"x": "somewhere"}
+    eval_config.finetune.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="finetune.dtype: replaced by the top-level precision"):
+        validate_eval(eval_config)
