@@ -7,6 +7,7 @@ in pretraining, fine-tuning and feature extraction alike, on every platform.
 | backbone matmul operands (patches, qkv,    | fp32           | bf16                   | bf16                |
 |   attention, proj, MLP)                    |                |                        |                     |
 | their accumulation -> result               | fp32 -> fp32   | fp32 -> fp32           | fp32 -> bf16        |
+| the gradient a backward matmul reads       | fp32           | bf16 (rounded)         | bf16; head fp32     |
 | LayerNorm, softmax, GELU, residual stream  | fp32           | fp32                   | bf16 (LN statistics |
 |                                            |                |                        |   and softmax fp32) |
 | head matmul operands                       | fp32           | bf16                   | fp32                |
@@ -21,8 +22,10 @@ bf16, products accumulated in fp32): half the bytes and the bf16 matmul rate, no
 rounding in the elementwise work. The memory similarities use bf16 operands in `mixed` as the
 official code's fp16 autocast does; their fp32 result keeps the 1/temperature-scaled logits exact
 to the operands' rounding. `bfloat16` is the policy of earlier releases (`model.dtype=bfloat16`):
-the backbone's activations themselves are bf16, which saves activation memory on an accelerator
-but is slow on XLA:CPU (BENCHMARKS.md: precision policies).
+the backbone's activations themselves are bf16, which saves some activation memory but is slower
+than `mixed` on XLA:CPU (BENCHMARKS.md: precision policies). The attention's own batched matmuls
+(QK^T, PV) take bf16 operands in `mixed` and `bfloat16` but keep JAX's gradient (see
+`Policy.einsum`).
 """
 
 from __future__ import annotations
