@@ -31,7 +31,7 @@ python3 -c 'import sys, jax, flax, optax, ml_collections; print("python", sys.ve
 # XLA on GPU preallocates 75% by default; peak_bytes_in_use is measured either way.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 timeout 200 python3 bench/train_step.py --variant B/16 --batch 128 --precision mixed --steps 10 --parts \
-  --peak-size 8192 --json "$out/gpu_train_step_b16_mixed.json"
+  --peak-size 8192 --json "$out/gpu_train_step_b16_mixed.json" || echo "B/16 mixed timed out"
 for policy in bfloat16 float32; do
   timeout 140 python3 bench/train_step.py --variant B/16 --batch 128 --precision $policy --steps 10 \
     --peak-size 8192 --json "$out/gpu_train_step_b16_$policy.json" || echo "B/16 $policy skipped or timed out"

@@ -192,7 +192,7 @@ def time_parts(config, state, batch, hparams, pixel_mean, pixel_std, steps: int)
         def loss(s):
             return memory_cross_entropy(s, teacher, memory, modality, partition,
                                         student_temp=config.loss.student_temp, teacher_temp=teacher_temp,
-                                        gating=memory_lib.is_full(memory))["loss"]
+                                        gating=memory_lib.is_full(memory), precision=config.precision)["loss"]
         return jax.value_and_grad(loss)(student)
 
     @jax.jit

@@ -178,3 +178,20 @@ def test_a_wrong_policy_is_refused_by_name(tiny_config):
     eval_config.finetune.dtype = "bfloat16"
     with pytest.raises(ValueError, match="finetune.dtype: replaced by the top-level precision"):
         validate_eval(eval_config)
+
+
+def test_matmul_refuses_a_spec_it_cannot_transpose():
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="is not a matmul"):
+        POLICIES["mixed"].einsum("ab,bc->c", x, jnp.ones((3, 4)))  # index a summed out of one operand
+
+
+def test_an_evaluation_in_another_policy_is_tagged_with_it():
+    from mermed_jax.eval.encoders import Encoder, with_precision
+    from mermed_jax.models.vit import ViTConfig
+
+    encoder = Encoder("step_000010", "checkpoint", ViTConfig(width=8, depth=1, num_heads=2, mlp_dim=16, patch_size=4),
+                      None, None, None)
+    assert with_precision(encoder, "float32").tag == "step_000010"
+    mixed = with_precision(encoder, "mixed")
+    assert mixed.tag == "step_000010_mixed" and mixed.config.precision == "mixed"

@@ -76,10 +76,13 @@ def eval_vit_config(pretrain_config: ml_collections.ConfigDict) -> ViTConfig:
 
 
 def with_precision(encoder: Encoder, precision: str) -> Encoder:
-    """`encoder` computing under a precision policy (models/precision.py); raw pixels have none."""
+    """`encoder` computing under a precision policy (models/precision.py); raw pixels have none.
+    A policy other than float32 is part of the tag, so that results and caches of one policy are
+    never taken for another's."""
     if encoder.config is None:
         return encoder
-    return dataclasses.replace(encoder, config=dataclasses.replace(encoder.config, precision=precision))
+    tag = encoder.tag if precision == "float32" else f"{encoder.tag}_{precision}"
+    return dataclasses.replace(encoder, tag=tag, config=dataclasses.replace(encoder.config, precision=precision))
 
 
 def from_checkpoint(workdir: str | os.PathLike, step: int | None, normalization: str = "pretrain") -> Encoder:

@@ -10,10 +10,13 @@ in pretraining, fine-tuning and feature extraction alike, on every platform.
 | the gradient a backward matmul reads       | fp32           | bf16 (rounded)         | bf16; head fp32     |
 | LayerNorm, softmax, GELU, residual stream  | fp32           | fp32                   | bf16 (LN statistics |
 |                                            |                |                        |   and softmax fp32) |
-| head matmul operands                       | fp32           | bf16                   | fp32                |
+| head matmul operands                       | fp32           | bf16                   | fp32 (*)            |
 | head BatchNorm, GELU, L2 normalisation     | fp32           | fp32                   | fp32                |
-| memory similarities: operands -> result    | fp32 -> fp32   | bf16 -> fp32           | fp32 -> fp32        |
+| memory similarities: operands -> result    | fp32 -> fp32   | bf16 -> fp32           | fp32 (*) -> fp32    |
 | memory softmaxes and cross-entropy         | fp32           | fp32                   | fp32                |
+
+(*) at the platform's default dot precision, as before policies existed: TF32 on recent GPUs, one
+bf16 pass on TPU, fp32 on CPU.
 
 `float32` asks every dot for `Precision.HIGHEST`: true fp32 products on GPU (no TF32) and TPU (no
 bf16 passes), the reference the other policies are measured against. `mixed` is what PyTorch's
@@ -41,7 +44,7 @@ Dtype = Any
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def matmul(spec: str, a: jnp.ndarray, b: jnp.ndarray, operands: Dtype, precision: Any) -> jnp.ndarray:
+def matmul(spec: str, a: jnp.ndarray, b: jnp.ndarray, operands: Dtype, dot_precision: Any) -> jnp.ndarray:
     """einsum(spec, a, b) with both operands rounded to `operands`, accumulated and returned in fp32.
 
     The gradients are the two transposed einsums with the incoming fp32 gradient rounded to
@@ -50,24 +53,36 @@ def matmul(spec: str, a: jnp.ndarray, b: jnp.ndarray, operands: Dtype, precision
     gradient by the bf16 operand, i.e. in fp32, which is two thirds of a train step's FLOPs.
     `spec` is "<a>,<b>-><out>" in which every index of one operand is in the other or the output.
     """
-    return jnp.einsum(spec, a.astype(operands), b.astype(operands), precision=precision,
+    _check_spec(spec)
+    return jnp.einsum(spec, a.astype(operands), b.astype(operands), precision=dot_precision,
                       preferred_element_type=jnp.float32)
 
 
-def _matmul_forward(spec, a, b, operands, precision):
+def _check_spec(spec: str) -> None:
+    """The transposed einsums exist only for specs without a summed-out or repeated index."""
+    inputs, out = spec.split("->")
+    a_spec, b_spec = inputs.split(",")
+    for mine, other in ((a_spec, b_spec), (b_spec, a_spec)):
+        if len(set(mine)) != len(mine) or not set(mine) <= set(other) | set(out):
+            raise ValueError(f"precision.matmul: {spec!r} is not a matmul (each index of an operand "
+                             "must be in the other operand or the output, once)")
+
+
+def _matmul_forward(spec, a, b, operands, dot_precision):
+    _check_spec(spec)
     a_low, b_low = a.astype(operands), b.astype(operands)
-    out = jnp.einsum(spec, a_low, b_low, precision=precision, preferred_element_type=jnp.float32)
+    out = jnp.einsum(spec, a_low, b_low, precision=dot_precision, preferred_element_type=jnp.float32)
     return out, (a_low, b_low, jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
 
 
-def _matmul_backward(spec, operands, precision, residuals, grad):
+def _matmul_backward(spec, operands, dot_precision, residuals, grad):
     a_low, b_low, a_like, b_like = residuals
     inputs, out = spec.split("->")
     a_spec, b_spec = inputs.split(",")
     grad_low = grad.astype(operands)
-    grad_a = jnp.einsum(f"{out},{b_spec}->{a_spec}", grad_low, b_low, precision=precision,
+    grad_a = jnp.einsum(f"{out},{b_spec}->{a_spec}", grad_low, b_low, precision=dot_precision,
                         preferred_element_type=jnp.float32)
-    grad_b = jnp.einsum(f"{a_spec},{out}->{b_spec}", a_low, grad_low, precision=precision,
+    grad_b = jnp.einsum(f"{a_spec},{out}->{b_spec}", a_low, grad_low, precision=dot_precision,
                         preferred_element_type=jnp.float32)
     return grad_a.astype(a_like.dtype), grad_b.astype(b_like.dtype)
 

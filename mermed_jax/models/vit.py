@@ -286,18 +286,18 @@ class ViT(nn.Module):
             num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, layerscale_init=cfg.layerscale_init,
             deterministic=not train or cfg.drop_path_rate == 0.0, policy=precision_lib.policy(cfg.precision),
         )
-        policy = REMAT_POLICIES[cfg.remat_policy]
+        saveable = REMAT_POLICIES[cfg.remat_policy]
         if cfg.scan_layers:
             body = _ScannedBlock
             if cfg.remat_policy != "none":
-                body = nn.remat(body, policy=policy, prevent_cse=False)
+                body = nn.remat(body, policy=saveable, prevent_cse=False)
             scanned = nn.scan(
                 body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=0, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = scanned(block_kwargs, name="blocks")(x, rates)
             return x
-        block_cls = Block if cfg.remat_policy == "none" else nn.remat(Block, policy=policy)
+        block_cls = Block if cfg.remat_policy == "none" else nn.remat(Block, policy=saveable)
         for i in range(cfg.depth):
             x = block_cls(**block_kwargs, name=f"blocks_{i}")(x, rates[i])
         return x
