@@ -18,6 +18,12 @@ in pretraining, fine-tuning and feature extraction alike, on every platform.
 (*) at the platform's default dot precision, as before policies existed: TF32 on recent GPUs, one
 bf16 pass on TPU, fp32 on CPU.
 
+Which policy the reference codebases use for ViTs: big_vision keeps activations in fp32 and leaves
+dots at the default precision, which on TPU is one bf16 pass with fp32 accumulation: `mixed`.
+MaxText's default (`dtype=bfloat16`, `weight_dtype=float32`) keeps activations in bf16:
+`bfloat16`. The paper config uses `mixed`, as big_vision and PyTorch's autocast do; it is also the
+fastest policy on the CPUs measured here.
+
 `float32` asks every dot for `Precision.HIGHEST`: true fp32 products on GPU (no TF32) and TPU (no
 bf16 passes), the reference the other policies are measured against. `mixed` is what PyTorch's
 bf16 autocast and big_vision's ViTs on TPU compute (fp32 everywhere, matmul operands rounded to
