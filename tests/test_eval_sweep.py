@@ -207,3 +207,14 @@ def test_an_unknown_protocol_lists_the_registered_ones(demo_root, workdir):
         list(sweep.planned_rows(config, encoders.from_checkpoint(workdir, 7), dataset))
     with pytest.raises(ValueError, match="'linear' is registered twice"):
         protocols.register("linear", inputs=inputs.feature_splits, features=inputs.frozen_features)(_nearest_class_mean)
+
+
+def test_auroc_bars_draw_every_protocol_and_feature_of_the_sweep(tmp_path):
+    summary = [dict(encoder=enc, dataset=d, protocol=p, feature="pixels" if enc == "pixels" else f,
+                    label_fraction=1.0, auroc=0.7, ci_lo=0.6, ci_hi=0.8)
+               for enc in ("step_000010", "random", "pixels") for d in ("a", "b")
+               for p in ("linear", "knn") for f in ("cls", "patch_mean")]
+    summary += [dict(s, label_fraction=0.1) for s in summary if s["protocol"] == "linear"]
+    titles = report._plot_bars(summary, str(tmp_path / "auroc_bars.png"))
+    assert titles == [f"{p} ({f}), all training labels" for p in ("knn", "linear") for f in ("cls", "patch_mean")]
+    assert (tmp_path / "auroc_bars.png").read_bytes().startswith(b"\x89PNG")

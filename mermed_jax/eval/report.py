@@ -110,32 +110,38 @@ def _save(fig: plt.Figure, path: str) -> None:
     storage.write_bytes(path, buffer.getvalue())
 
 
-def _plot_bars(summary: list[dict], path: str) -> None:
+def _plot_bars(summary: list[dict], path: str) -> list[str]:
+    """One panel per protocol and feature of the sweep (all training labels), one bar per encoder
+    and dataset; returns the panels' titles."""
     encoders = _encoders(summary)
     full = [s for s in summary if float(s["label_fraction"]) == 1.0]
-    settings = sorted({(s["protocol"], s["feature"]) for s in full if s["encoder"] == encoders[0]})
+    settings = sorted({(s["protocol"], s["feature"]) for s in full if s["feature"] != "pixels"})
     if not settings:
-        return
-    protocol, feature = settings[0]
+        return []
     datasets = sorted({s["dataset"] for s in full})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(datasets) * len(encoders) / 2), 4))
+    fig, axes = plt.subplots(len(settings), 1, squeeze=False,
+                             figsize=(max(6, 1.2 * len(datasets) * len(encoders) / 2), 4 * len(settings)))
     width = 0.8 / len(encoders)
-    for i, enc in enumerate(encoders):
-        lines = {s["dataset"]: s for s in full if s["encoder"] == enc and s["protocol"] == protocol
-                 and (s["feature"] == feature or enc.startswith("pixels"))}
-        values = np.array([lines[d]["auroc"] if d in lines else np.nan for d in datasets])
-        low = np.array([lines[d]["ci_lo"] if d in lines else np.nan for d in datasets])
-        high = np.array([lines[d]["ci_hi"] if d in lines else np.nan for d in datasets])
-        err = np.nan_to_num(np.stack([values - low, high - values]))
-        ax.bar(np.arange(len(datasets)) + i * width, values, width, yerr=err, capsize=2, label=enc)
-    ax.set_xticks(np.arange(len(datasets)) + width * (len(encoders) - 1) / 2, datasets, rotation=30, ha="right")
-    ax.set_ylim(0.0, 1.0)
-    ax.axhline(0.5, color="grey", lw=0.5)
-    ax.set_ylabel("macro AUROC (95% CI)")
-    ax.set_title(f"{protocol} ({feature}), all training labels")
-    ax.legend(fontsize=7)
+    titles = []
+    for ax, (protocol, feature) in zip(axes[:, 0], settings):
+        for i, enc in enumerate(encoders):
+            lines = {s["dataset"]: s for s in full if s["encoder"] == enc and s["protocol"] == protocol
+                     and (s["feature"] == feature or enc.startswith("pixels"))}
+            values = np.array([lines[d]["auroc"] if d in lines else np.nan for d in datasets])
+            low = np.array([lines[d]["ci_lo"] if d in lines else np.nan for d in datasets])
+            high = np.array([lines[d]["ci_hi"] if d in lines else np.nan for d in datasets])
+            err = np.nan_to_num(np.stack([values - low, high - values]))
+            ax.bar(np.arange(len(datasets)) + i * width, values, width, yerr=err, capsize=2, label=enc)
+        ax.set_xticks(np.arange(len(datasets)) + width * (len(encoders) - 1) / 2, datasets, rotation=30, ha="right")
+        ax.set_ylim(0.0, 1.0)
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.set_ylabel("macro AUROC (95% CI)")
+        titles.append(f"{protocol} ({feature}), all training labels")
+        ax.set_title(titles[-1])
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+    return titles
 
 
 def _plot_roc(rows: list[dict], eval_dir: str, path: str) -> None:
