@@ -26,7 +26,9 @@ keyword overrides bring in fields kept elsewhere in the config, such as global_b
     per_device_batch  images per device batch; or global_batch, divided by jax.device_count()
     crops             MultiCropConfig: sizes, counts, scales, jitter, blur (the paper's defaults)
     seed              one seed for stream shuffles and augmentation
-    mixture           {modality name: weight}; default equal shares of the modalities present
+    mixture           {modality name: weight}; "natural": shares proportional to each modality's
+                      record count in the split (the data's own mixture, an ablation of balanced
+                      batches); default (None) equal shares of the modalities present
     skip_corrupt      False: a bad record raises CorruptRecordError naming file and offset;
                       True: it is logged, replaced by the next record of its stream and counted
                       in TrainIterator.metrics()["skipped_records"]
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import grain
@@ -52,7 +54,7 @@ from data_pipelines import record_source, records, sampler
 from data_pipelines.batch_spec import batch_layout
 from data_pipelines.modalities import MODALITIES, modality_id
 from data_pipelines.multicrop import keyed_rng, multicrop
-from data_pipelines.train_config import TrainConfig
+from data_pipelines.train_config import NATURAL_MIXTURE, TrainConfig
 
 _AUG_KEY = 2  # key namespace of augmentation generators
 _MAX_CONSECUTIVE_SKIPS = 100
@@ -139,10 +141,13 @@ class _BatchMaker:
         return batch
 
 
-def _weights(cfg: TrainConfig, present: Sequence[int]) -> tuple[list[int], np.ndarray]:
+def _weights(cfg: TrainConfig, shards: Mapping[int, Sequence[record_source.ShardFile]]) -> tuple[list[int], np.ndarray]:
     """Active modality ids and their weights; modalities weighted 0 are not read at all."""
+    present = list(shards)
     if cfg.mixture is None:
-        return list(present), np.ones(len(present))
+        return present, np.ones(len(present))
+    if cfg.mixture == NATURAL_MIXTURE:  # every host lists every shard, so all hosts agree on these
+        return present, np.asarray([sum(f.num_records for f in shards[m]) for m in present], np.float64)
     weights = {modality_id(name): float(w) for name, w in cfg.mixture.items()}
     missing = sorted(MODALITIES[m] for m, w in weights.items() if w > 0 and m not in present)
     if missing:
@@ -159,7 +164,7 @@ def _batch_maker(cfg: TrainConfig, process_index: int | None, process_count: int
     process_count = jax.process_count() if process_count is None else process_count
     local_devices = jax.local_device_count() if local_devices is None else local_devices
     shards = record_source.list_shards(cfg.dirs, cfg.split)
-    active, weights = _weights(cfg, list(shards))
+    active, weights = _weights(cfg, shards)
     if not active:
         raise ValueError(f"no {cfg.split!r} shards with positive mixture weight in {list(cfg.dirs)}")
     host = {m: record_source.host_records(shards[m], process_index, process_count, cfg.skip_corrupt)

@@ -17,6 +17,10 @@ from data_pipelines.batch_spec import MultiCropConfig
 FROM_OUTSIDE_DATA_SECTION = ("per_device_batch", "global_batch", "crops", "seed")
 
 
+# data.mixture value for the data's own modality shares (record counts) instead of balanced batches.
+NATURAL_MIXTURE = "natural"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training-pipeline settings; see the module docstring for each field."""
@@ -27,7 +31,7 @@ class TrainConfig:
     global_batch: int | None = None
     crops: MultiCropConfig = MultiCropConfig()
     seed: int = 0
-    mixture: Mapping[str, float] | None = None
+    mixture: Mapping[str, float] | str | None = None  # None: balanced; NATURAL_MIXTURE; or weights
     skip_corrupt: bool = False
     worker_count: int = dataclasses.field(default=0, metadata={"ge": 0})
     read_threads: int = 2
@@ -40,6 +44,9 @@ class TrainConfig:
             raise ValueError("set exactly one of per_device_batch and global_batch")
         if not self.dirs:
             raise ValueError("dirs names no dataset directory")
+        if isinstance(self.mixture, str) and self.mixture != NATURAL_MIXTURE:
+            raise ValueError(f"data.mixture={self.mixture!r}: expected {NATURAL_MIXTURE!r}, None (balanced) or "
+                             "{modality: weight}")
 
     @classmethod
     def from_config(cls, section: Any, **overrides: Any) -> TrainConfig:

@@ -160,7 +160,7 @@ def test_koleo_term_is_the_mean_over_the_global_crops():
     from mermed_jax.ssl.objective import Embeddings, make_objective
 
     student, teacher, memory, modality, partition = _case(np.full(SIZE, -1), [0] * BATCH)
-    config = ml_collections.ConfigDict({"loss": {"student_temp": 0.1, "koleo_weight": 0.5},
+    config = ml_collections.ConfigDict({"loss": {"student_temp": 0.1, "koleo_weight": 0.5, "modality_gating": True},
                                         "crops": {"num_global": N_TEACHER}, "precision": "float32"})
     e = Embeddings(student=jnp.asarray(student), teacher=jnp.asarray(teacher), memory=memory,
                    modality=jnp.asarray(modality), partition=partition, teacher_temp=jnp.float32(0.05))
@@ -206,3 +206,25 @@ def test_loss_by_modality_is_the_loss_over_that_modalitys_rows(gated):
         np.testing.assert_allclose(by_modality[m], float(alone["loss"]), rtol=1e-5)
     assert np.all(np.isnan(by_modality[3:]))  # no rows: not a loss of 0
     np.testing.assert_allclose((by_modality[:3] * rows[:3]).sum() / rows.sum(), float(out["loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("modality_gating", [True, False])
+def test_gating_off_is_plain_massl_on_a_full_memory(modality_gating):
+    """loss.modality_gating=False (the ablation): a full memory is not masked by modality."""
+    import ml_collections
+
+    from mermed_jax.ssl.objective import Embeddings, gating_active, make_objective
+
+    ids = np.arange(SIZE) % 3
+    student, teacher, memory, modality, partition = _case(ids, [0, 1, 2] * (BATCH // 3) + [0] * (BATCH % 3))
+    assert bool(memory_lib.is_full(memory))
+    config = ml_collections.ConfigDict({"loss": {"student_temp": 0.1, "koleo_weight": 0.0,
+                                                 "modality_gating": modality_gating},
+                                        "crops": {"num_global": N_TEACHER}, "precision": "float32"})
+    e = Embeddings(student=jnp.asarray(student), teacher=jnp.asarray(teacher), memory=memory,
+                   modality=jnp.asarray(modality), partition=partition, teacher_temp=jnp.float32(0.05))
+    assert bool(gating_active(config, memory)) == modality_gating
+    expected = _run(student, teacher, memory, modality, partition, gating=modality_gating)["loss"]
+    np.testing.assert_allclose(float(make_objective(config)(e)["memory_loss"]), float(expected), rtol=1e-6)
+    other = _run(student, teacher, memory, modality, partition, gating=not modality_gating)["loss"]
+    assert abs(float(expected) - float(other)) > 1e-3  # gating does change the loss here

@@ -174,6 +174,16 @@ def test_mixture_weights_in_batches(three_modalities):
     assert collections.Counter(batch["modality"].tolist()) == {modality_id("ct"): 4, modality_id("cxr"): 4}
 
 
+def test_natural_mixture_follows_the_record_counts(three_modalities):
+    """data.mixture="natural" (the ablation of balanced batches): 18 CT, 8 CXR, 3 derm records."""
+    cfg = _cfg(three_modalities, per_device_batch=29, mixture="natural")
+    batch = next(train_iterator(cfg, process_index=0, process_count=1, local_devices=1))
+    assert collections.Counter(batch["modality"].tolist()) == {
+        modality_id("ct"): 18, modality_id("cxr"): 8, modality_id("derm"): 3}
+    with pytest.raises(ValueError, match="data.mixture='nature'"):
+        _cfg(three_modalities, mixture="nature")
+
+
 def test_mixture_naming_absent_modality_fails(three_modalities):
     with pytest.raises(ValueError, match="oct"):
         train_iterator(_cfg(three_modalities, mixture={"oct": 1.0}), process_index=0, process_count=1,

@@ -83,6 +83,8 @@ class Loss:
     warmup_teacher_temp: float = key(0.04, gt=0.0)
     warmup_teacher_temp_epochs: int = key(10, ge=0)
     koleo_weight: float = key(0.0, ge=0.0)
+    # Mask other modalities' memory entries once the memory is full; False is plain MaSSL (an ablation).
+    modality_gating: bool = key(True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +259,6 @@ def _config_value(leaf: Leaf) -> Any:
     if leaf.default is not None:
         return leaf.default
     optional = [t for t in getattr(leaf.annotation, "__args__", ()) if t is not type(None)]
-    kind = optional[0] if optional else object
+    kind = optional[0] if len(optional) == 1 else object  # several types (a mapping or a name): any
     kind = dict if getattr(kind, "__origin__", kind) in (Mapping, dict) else getattr(kind, "__origin__", kind)
     return ml_collections.config_dict.placeholder(kind)

@@ -42,6 +42,12 @@ def _given_leaves(tree: Mapping, mapping_keys: set[str], prefix: str = "") -> di
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if typing.get_args(annotation):  # Mapping[str, float], tuple[int, int, int]
+        return str(annotation).replace("typing.", "").replace("collections.abc.", "")
+    if annotation is type(None):
+        return "None"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 

@@ -38,11 +38,16 @@ class Embeddings:
 TermFn = Callable[[Embeddings], tuple[jnp.ndarray, Metrics]]
 
 
-def _memory_term(e: Embeddings, *, student_temp: float, mesh: Mesh | None,
-                 precision: str) -> tuple[jnp.ndarray, Metrics]:
+def gating_active(config: ml_collections.ConfigDict, memory: memory_lib.MemoryState) -> jnp.ndarray:
+    """Whether modality gating masks this step's memory: once the memory is full, unless the
+    config turns gating off (plain MaSSL)."""
+    return jnp.logical_and(memory_lib.is_full(memory), config.loss.modality_gating)
+
+
+def _memory_term(e: Embeddings, *, config: ml_collections.ConfigDict, mesh: Mesh | None) -> tuple[jnp.ndarray, Metrics]:
     metrics = memory_cross_entropy(
-        e.student, e.teacher, e.memory, e.modality, e.partition, student_temp=student_temp,
-        teacher_temp=e.teacher_temp, gating=memory_lib.is_full(e.memory), mesh=mesh, precision=precision,
+        e.student, e.teacher, e.memory, e.modality, e.partition, student_temp=config.loss.student_temp,
+        teacher_temp=e.teacher_temp, gating=gating_active(config, e.memory), mesh=mesh, precision=config.precision,
     )
     return metrics.pop("loss"), metrics
 
@@ -55,8 +60,7 @@ def _koleo_term(e: Embeddings, *, num_global: int) -> tuple[jnp.ndarray, Metrics
 def massl_terms(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dict[str, tuple[float, TermFn]]:
     """{metric name: (weight, term)}: the objective's only list of terms."""
     return {
-        "memory_loss": (1.0, functools.partial(_memory_term, student_temp=config.loss.student_temp, mesh=mesh,
-                                               precision=config.precision)),
+        "memory_loss": (1.0, functools.partial(_memory_term, config=config, mesh=mesh)),
         "koleo": (config.loss.koleo_weight, functools.partial(_koleo_term, num_global=config.crops.num_global)),
     }
 

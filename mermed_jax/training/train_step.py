@@ -41,7 +41,7 @@ from mermed_jax.models.networks import build_networks
 from mermed_jax.preprocess import normalize_images
 from mermed_jax.ssl import memory as memory_lib
 from mermed_jax.ssl.ema import ema_update
-from mermed_jax.ssl.objective import Embeddings, make_objective
+from mermed_jax.ssl.objective import Embeddings, gating_active, make_objective
 from mermed_jax.training.train_state import TrainState, make_student_optimizer
 
 Batch = dict[str, jnp.ndarray]
@@ -232,7 +232,7 @@ def make_train_step(config: ml_collections.ConfigDict, pixel_mean: jnp.ndarray, 
             **metrics,
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(new_params),
-            "gating_active": memory_lib.is_full(state.memory).astype(jnp.float32),
+            "gating_active": gating_active(config, state.memory).astype(jnp.float32),
             "finite": finite.astype(jnp.float32),
             "student_temp": jnp.float32(student_temp),
             **{k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()},
