@@ -218,3 +218,19 @@ def test_auroc_bars_draw_every_protocol_and_feature_of_the_sweep(tmp_path):
     titles = report._plot_bars(summary, str(tmp_path / "auroc_bars.png"))
     assert titles == [f"{p} ({f}), all training labels" for p in ("knn", "linear") for f in ("cls", "patch_mean")]
     assert (tmp_path / "auroc_bars.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_protocol_may_sweep_its_own_label_fractions():
+    config = eval_recipe()
+    config.datasets = {"x": "somewhere"}
+    config.protocols, config.seeds = ("linear", "finetune"), (0, 1)
+    config.finetune.label_fractions = (0.01, 0.1)
+    validate(config)
+    encoder = encoders.Encoder("step_000001", "checkpoint", None, None, None, None)
+    dataset = dataclasses.make_dataclass("D", ["name"])("x")
+    rows = list(sweep.planned_rows(config, encoder, dataset))
+    assert {(r["protocol"], r["label_fraction"]) for r in rows} == {
+        ("linear", 1.0), ("finetune", 0.01), ("finetune", 0.1)}
+    config.finetune.label_fractions = (0.0,)
+    with pytest.raises(ValueError, match=r"finetune.label_fractions: 0.0 is not in \(0, 1\]"):
+        validate(config)

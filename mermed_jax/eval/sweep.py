@@ -61,12 +61,20 @@ def write_csv(path: str | os.PathLike, columns: tuple[str, ...] | list[str], row
     storage.write_text(path, text.getvalue())
 
 
+def label_fractions(config: ml_collections.ConfigDict, protocol: str) -> tuple[float, ...]:
+    """A protocol's own `label_fractions` (config.<protocol>.label_fractions, e.g. fine-tuning at 1%
+    and 10% beside probes at 100%), else the sweep's."""
+    section = config.get(protocol)
+    own = section.get("label_fractions") if isinstance(section, ml_collections.ConfigDict) else None
+    return tuple(own) if own else tuple(config.label_fractions)
+
+
 def planned_rows(config: ml_collections.ConfigDict, encoder: Encoder, dataset: Dataset) -> Iterator[dict]:
     """The keys of every row the config asks of one encoder on one dataset."""
     for name in config.protocols:
         protocol = protocols.get(name)
         for feature in protocol.features(config, encoder):
-            for fraction in config.label_fractions:
+            for fraction in label_fractions(config, name):
                 once = protocol.deterministic and fraction >= 1
                 for seed in (config.seeds[:1] if once else config.seeds):
                     yield dict(encoder=encoder.tag, dataset=dataset.name, protocol=name, feature=feature,
