@@ -234,3 +234,15 @@ def test_a_protocol_may_sweep_its_own_label_fractions():
     config.finetune.label_fractions = (0.0,)
     with pytest.raises(ValueError, match=r"finetune.label_fractions: 0.0 is not in \(0, 1\]"):
         validate(config)
+
+
+def test_auroc_against_the_step_when_a_sweep_holds_several_checkpoints(tmp_path):
+    summary = [dict(encoder=enc, dataset=d, protocol="knn", feature="pixels" if enc == "pixels" else "cls",
+                    label_fraction=1.0, auroc=0.6 + i / 100, ci_lo=0.5, ci_hi=0.9)
+               for i, enc in enumerate(("step_000100", "step_000200_mixed", "step_000300", "random", "pixels"))
+               for d in ("a", "b")]
+    assert report._plot_steps(summary, str(tmp_path / "steps.png")) == ["knn (cls) against the step"]
+    assert (tmp_path / "steps.png").read_bytes().startswith(b"\x89PNG")
+    one_checkpoint = [s for s in summary if s["encoder"] in ("step_000100", "random", "pixels")]
+    assert report._plot_steps(one_checkpoint, str(tmp_path / "none.png")) == []
+    assert not (tmp_path / "none.png").exists()

@@ -1,7 +1,8 @@
 """Reports of a sweep: summary.csv (mean and 95% CI over seeds), results.md (tables with every
 encoder side by side, so a number always has its random-init and raw-pixel floors beside it) and
-plots (per-dataset AUROC bars with CIs, ROC curves, AUROC against label fraction, a 2-D PCA map of
-the test embeddings coloured by modality and by label).
+plots (per-dataset AUROC bars with CIs, ROC curves, AUROC against label fraction, AUROC against the
+checkpoint's step when a sweep holds several checkpoints (`evaluate --watch` or checkpoints="all":
+how a run learns), a 2-D PCA map of the test embeddings coloured by modality and by label).
 
 CIs: over seeds (Student t) when a row has several seeds; otherwise the bootstrap CI of its test
 set, and the table says which.
@@ -177,6 +178,49 @@ def _plot_roc(rows: list[dict], eval_dir: str, path: str) -> None:
     _save(fig, path)
 
 
+def _checkpoint_step(encoder: str) -> int | None:
+    """The step of a checkpoint encoder's tag ("step_000600", "step_000600_mixed"), else None."""
+    parts = encoder.split("_")
+    return int(parts[1]) if parts[0] == "step" and len(parts) > 1 and parts[1].isdigit() else None
+
+
+def _plot_steps(summary: list[dict], path: str) -> list[str]:
+    """Per protocol and feature (all training labels): the mean AUROC over datasets of each
+    checkpoint against its step, each dataset's thin line behind it, and the random network and raw
+    pixels as flat lines. Drawn when the sweep holds two checkpoints or more; returns the titles."""
+    full = [s for s in summary if float(s["label_fraction"]) == 1.0]
+    steps = sorted({_checkpoint_step(s["encoder"]) for s in full} - {None})
+    settings = sorted({(s["protocol"], s["feature"]) for s in full if _checkpoint_step(s["encoder"]) is not None})
+    if len(steps) < 2 or not settings:
+        return []
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.4), squeeze=False)
+    titles = []
+    for ax, (protocol, feature) in zip(axes[0], settings):
+        rows = [s for s in full if s["protocol"] == protocol and (s["feature"] == feature or s["feature"] == "pixels")]
+        datasets = sorted({s["dataset"] for s in rows})
+        by_step = collections.defaultdict(dict)
+        for s in rows:
+            if _checkpoint_step(s["encoder"]) is not None:
+                by_step[s["dataset"]][_checkpoint_step(s["encoder"])] = s["auroc"]
+        for dataset in datasets:
+            xs = sorted(by_step[dataset])
+            ax.plot(xs, [by_step[dataset][x] for x in xs], lw=0.7, alpha=0.5, label=dataset)
+        mean = [np.mean([by_step[d][x] for d in datasets if x in by_step[d]]) for x in steps]
+        ax.plot(steps, mean, marker="o", color="black", lw=2, label="mean")
+        for floor, style in (("random", "--"), ("pixels", ":")):
+            values = [s["auroc"] for s in rows if s["encoder"].startswith(floor)]
+            if values:
+                ax.axhline(np.mean(values), color="grey", ls=style, label=f"{floor} (mean)")
+        ax.set_xlabel("pretraining step")
+        ax.set_ylabel("macro AUROC")
+        titles.append(f"{protocol} ({feature}) against the step")
+        ax.set_title(titles[-1], fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+    return titles
+
+
 def _plot_fractions(summary: list[dict], path: str) -> None:
     fractions = {float(s["label_fraction"]) for s in summary}
     if len(fractions) < 2:
@@ -246,5 +290,6 @@ def write_report(eval_dir: str | os.PathLike, rows: list[dict], plots: bool = Tr
         _plot_bars(summary, storage.join(eval_dir, "auroc_bars.png"))
         _plot_roc(rows, eval_dir, storage.join(eval_dir, "roc_curves.png"))
         _plot_fractions(summary, storage.join(eval_dir, "auroc_vs_fraction.png"))
+        _plot_steps(summary, storage.join(eval_dir, "auroc_vs_step.png"))
         _plot_embedding(eval_dir, _encoders(summary)[0], storage.join(eval_dir, "embedding_map.png"))
     return text
