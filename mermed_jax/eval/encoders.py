@@ -39,6 +39,17 @@ class Encoder:
     pixel_std: np.ndarray
 
 
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def tag_step(tag: str) -> int | None:
+    """The step of a checkpoint encoder's tag ("step_000600", or "step_000600_mixed" under another
+    policy: `with_precision`), else None."""
+    parts = tag.split("_")
+    return int(parts[1]) if parts[0] == "step" and len(parts) > 1 and parts[1].isdigit() else None
+
+
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     """Steps of the complete checkpoints of a pretraining workdir, ascending."""
     checkpointing.check_workdir(workdir, "a workdir to read checkpoints from", writable=False)
@@ -91,7 +102,7 @@ def from_checkpoint(workdir: str | os.PathLike, step: int | None, normalization:
     teacher, config, step = checkpointing.load_teacher(workdir, step)
     mean, std = pixel_statistics(workdir, config, normalization)
     params = jax.device_get(teacher["teacher_params"]["backbone"])
-    return Encoder(f"step_{step:06d}", "checkpoint", eval_vit_config(config), params, mean, std)
+    return Encoder(checkpoint_tag(step), "checkpoint", eval_vit_config(config), params, mean, std)
 
 
 def random_init(like: Encoder, seed: int = 0) -> Encoder:

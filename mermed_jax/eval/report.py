@@ -29,6 +29,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 from data_pipelines import storage  # noqa: E402
 from data_pipelines.modalities import MODALITIES  # noqa: E402
 from mermed_jax.eval import npz, sweep  # noqa: E402
+from mermed_jax.eval.encoders import tag_step  # noqa: E402
 from mermed_jax.eval.metrics import mean_ci, one_hot  # noqa: E402
 
 GROUP = ("encoder", "dataset", "protocol", "feature", "label_fraction")
@@ -178,19 +179,14 @@ def _plot_roc(rows: list[dict], eval_dir: str, path: str) -> None:
     _save(fig, path)
 
 
-def _checkpoint_step(encoder: str) -> int | None:
-    """The step of a checkpoint encoder's tag ("step_000600", "step_000600_mixed"), else None."""
-    parts = encoder.split("_")
-    return int(parts[1]) if parts[0] == "step" and len(parts) > 1 and parts[1].isdigit() else None
-
-
 def _plot_steps(summary: list[dict], path: str) -> list[str]:
     """Per protocol and feature (all training labels): the mean AUROC over datasets of each
     checkpoint against its step, each dataset's thin line behind it, and the random network and raw
     pixels as flat lines. Drawn when the sweep holds two checkpoints or more; returns the titles."""
     full = [s for s in summary if float(s["label_fraction"]) == 1.0]
-    steps = sorted({_checkpoint_step(s["encoder"]) for s in full} - {None})
-    settings = sorted({(s["protocol"], s["feature"]) for s in full if _checkpoint_step(s["encoder"]) is not None})
+    step_of = {s["encoder"]: tag_step(s["encoder"]) for s in full}
+    steps = sorted(set(step_of.values()) - {None})
+    settings = sorted({(s["protocol"], s["feature"]) for s in full if step_of[s["encoder"]] is not None})
     if len(steps) < 2 or not settings:
         return []
     fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.4), squeeze=False)
@@ -200,8 +196,8 @@ def _plot_steps(summary: list[dict], path: str) -> list[str]:
         datasets = sorted({s["dataset"] for s in rows})
         by_step = collections.defaultdict(dict)
         for s in rows:
-            if _checkpoint_step(s["encoder"]) is not None:
-                by_step[s["dataset"]][_checkpoint_step(s["encoder"])] = s["auroc"]
+            if step_of[s["encoder"]] is not None:
+                by_step[s["dataset"]][step_of[s["encoder"]]] = s["auroc"]
         for dataset in datasets:
             xs = sorted(by_step[dataset])
             ax.plot(xs, [by_step[dataset][x] for x in xs], lw=0.7, alpha=0.5, label=dataset)

@@ -25,12 +25,10 @@ MaxText's default (`dtype=bfloat16`, `weight_dtype=float32`) keeps activations i
 fastest policy on the CPUs measured here.
 
 `float32` asks every dot for `Precision.HIGHEST`: true fp32 products on GPU (no TF32) and TPU (no
-bf16 passes), the reference the other policies are measured against. `mixed` is what PyTorch's
-bf16 autocast and big_vision's ViTs on TPU compute (fp32 everywhere, matmul operands rounded to
-bf16, products accumulated in fp32): half the bytes and the bf16 matmul rate, none of bf16's
-rounding in the elementwise work. The memory similarities use bf16 operands in `mixed` as the
-official code's fp16 autocast does; their fp32 result keeps the 1/temperature-scaled logits exact
-to the operands' rounding. `bfloat16` is the policy of earlier releases (`model.dtype=bfloat16`):
+bf16 passes), the reference the other policies are measured against. `mixed` reads half the
+bytes at the bf16 matmul rate, with none of bf16's rounding in the elementwise work. Its memory
+similarities use bf16 operands as the official code's fp16 autocast does; their fp32 result keeps
+the 1/temperature-scaled logits exact to the operands' rounding. `bfloat16` is the policy of earlier releases (`model.dtype=bfloat16`):
 the backbone's activations themselves are bf16, which saves some activation memory but is slower
 than `mixed` on XLA:CPU (BENCHMARKS.md: precision policies). The attention's own batched matmuls
 (QK^T, PV) take bf16 operands in `mixed` and `bfloat16` but keep JAX's gradient (see
@@ -59,37 +57,41 @@ def matmul(spec: str, a: jnp.ndarray, b: jnp.ndarray, operands: Dtype, dot_preci
     gradient by the bf16 operand, i.e. in fp32, which is two thirds of a train step's FLOPs.
     `spec` is "<a>,<b>-><out>" in which every index of one operand is in the other or the output.
     """
-    _check_spec(spec)
+    return _matmul_forward(spec, a, b, operands, dot_precision)[0]
+
+
+def rounded_einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray, operands: Dtype, dot_precision: Any) -> jnp.ndarray:
+    """einsum(spec, a, b) with both operands rounded to `operands`, accumulated and returned in fp32,
+    with JAX's own gradient."""
     return jnp.einsum(spec, a.astype(operands), b.astype(operands), precision=dot_precision,
                       preferred_element_type=jnp.float32)
 
 
-def _check_spec(spec: str) -> None:
-    """The transposed einsums exist only for specs without a summed-out or repeated index."""
+def _operand_specs(spec: str) -> tuple[str, str, str]:
+    """"ab,bc->ac" -> ("ab", "bc", "ac"), refusing specs whose transposed einsums do not exist (an
+    index summed out of one operand, or repeated)."""
     inputs, out = spec.split("->")
     a_spec, b_spec = inputs.split(",")
     for mine, other in ((a_spec, b_spec), (b_spec, a_spec)):
         if len(set(mine)) != len(mine) or not set(mine) <= set(other) | set(out):
             raise ValueError(f"precision.matmul: {spec!r} is not a matmul (each index of an operand "
                              "must be in the other operand or the output, once)")
+    return a_spec, b_spec, out
 
 
 def _matmul_forward(spec, a, b, operands, dot_precision):
-    _check_spec(spec)
+    _operand_specs(spec)
     a_low, b_low = a.astype(operands), b.astype(operands)
-    out = jnp.einsum(spec, a_low, b_low, precision=dot_precision, preferred_element_type=jnp.float32)
+    out = rounded_einsum(spec, a_low, b_low, operands, dot_precision)
     return out, (a_low, b_low, jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
 
 
 def _matmul_backward(spec, operands, dot_precision, residuals, grad):
     a_low, b_low, a_like, b_like = residuals
-    inputs, out = spec.split("->")
-    a_spec, b_spec = inputs.split(",")
+    a_spec, b_spec, out = _operand_specs(spec)
     grad_low = grad.astype(operands)
-    grad_a = jnp.einsum(f"{out},{b_spec}->{a_spec}", grad_low, b_low, precision=dot_precision,
-                        preferred_element_type=jnp.float32)
-    grad_b = jnp.einsum(f"{a_spec},{out}->{b_spec}", a_low, grad_low, precision=dot_precision,
-                        preferred_element_type=jnp.float32)
+    grad_a = rounded_einsum(f"{out},{b_spec}->{a_spec}", grad_low, b_low, operands, dot_precision)
+    grad_b = rounded_einsum(f"{a_spec},{out}->{b_spec}", a_low, grad_low, operands, dot_precision)
     return grad_a.astype(a_like.dtype), grad_b.astype(b_like.dtype)
 
 
@@ -139,12 +141,8 @@ class Policy:
         own gradient (the fp32 gradient times the rounded operand, computed in fp32): the
         attention's batched matmuls need it, as XLA:CPU runs their transposes outside YNNPACK, in a
         kernel that has no bf16 x bf16 -> fp32 ("Unsupported element type for DotThunk")."""
-        if rounded_gradient:
-            out = matmul(spec, a, b, self.matmul_operands, self.matmul_precision)
-        else:
-            out = jnp.einsum(spec, a.astype(self.matmul_operands), b.astype(self.matmul_operands),
-                             precision=self.matmul_precision, preferred_element_type=jnp.float32)
-        return out.astype(result or self.activations)
+        product = matmul if rounded_gradient else rounded_einsum
+        return product(spec, a, b, self.matmul_operands, self.matmul_precision).astype(result or self.activations)
 
     def head(self) -> Policy:
         """The projection head's policy: fp32 activations, the head's matmul operands."""
