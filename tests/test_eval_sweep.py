@@ -182,67 +182,15 @@ def test_feature_cache_is_keyed_by_the_weights(tmp_path, demo_root, workdir):
     assert not np.allclose(cached_features(tmp_path, other, "demo_ct", data, mesh).features["cls"], first.features["cls"])
 
 
-def test_a_registered_protocol_runs_from_its_config_line_alone(tmp_path, demo_root, workdir):
-    config = _config(demo_root)
-    config.protocols = ("mean_feature",)
-    config.label_fractions = (1.0,)
-    config.plots = False
-    validate(config)
-    evaluate.evaluate(config, [encoders.from_checkpoint(workdir, 7)], tmp_path / "eval")
-    rows = _read(tmp_path / "eval" / "results.csv")
-    # teacher, random init and pixels x 2 datasets; deterministic on all labels: one seed each
-    assert len(rows) == 3 * 2 and {r["protocol"] for r in rows} == {"mean_feature"}
-    assert {r["feature"] for r in rows} == {"cls", "pixels"} and {r["seed"] for r in rows} == {"0"}
-    assert all(0.0 <= float(r["auroc"]) <= 1.0 and r["chosen_c"] == "" for r in rows)
+def test_multiblock_features_are_the_last_blocks_cls_and_the_patch_mean(demo_root, workdir):
+    """DINO's probe features on the depth-1 test network: its one block's CLS (which is `cls`), then the
+    mean patch token (test_vit checks that every block's CLS is there, the last one equal to `cls`)."""
+    from mermed_jax.eval.features import extract
 
-
-def test_an_unknown_protocol_lists_the_registered_ones(demo_root, workdir):
-    config = _config(demo_root)
-    config.protocols = ("linear", "svm")
-    listed = r"protocols: 'svm' is not one of \('finetune', 'knn', 'linear', 'mean_feature'\)"
-    with pytest.raises(ValueError, match=listed):
-        validate(config)
-    dataset = inputs.describe("demo_ct", str(demo_root / "demo_ct"))
-    with pytest.raises(ValueError, match=listed):
-        list(sweep.planned_rows(config, encoders.from_checkpoint(workdir, 7), dataset))
-    with pytest.raises(ValueError, match="'linear' is registered twice"):
-        protocols.register("linear", inputs=inputs.feature_splits, features=inputs.frozen_features)(_nearest_class_mean)
-
-
-def test_auroc_bars_draw_every_protocol_and_feature_of_the_sweep(tmp_path):
-    summary = [dict(encoder=enc, dataset=d, protocol=p, feature="pixels" if enc == "pixels" else f,
-                    label_fraction=1.0, auroc=0.7, ci_lo=0.6, ci_hi=0.8)
-               for enc in ("step_000010", "random", "pixels") for d in ("a", "b")
-               for p in ("linear", "knn") for f in ("cls", "patch_mean")]
-    summary += [dict(s, label_fraction=0.1) for s in summary if s["protocol"] == "linear"]
-    titles = report._plot_bars(summary, str(tmp_path / "auroc_bars.png"))
-    assert titles == [f"{p} ({f}), all training labels" for p in ("knn", "linear") for f in ("cls", "patch_mean")]
-    assert (tmp_path / "auroc_bars.png").read_bytes().startswith(b"\x89PNG")
-
-
-def test_a_protocol_may_sweep_its_own_label_fractions():
-    config = eval_recipe()
-    config.datasets = {"x": "somewhere"}
-    config.protocols, config.seeds = ("linear", "finetune"), (0, 1)
-    config.finetune.label_fractions = (0.01, 0.1)
-    validate(config)
-    encoder = encoders.Encoder("step_000001", "checkpoint", None, None, None, None)
-    dataset = dataclasses.make_dataclass("D", ["name"])("x")
-    rows = list(sweep.planned_rows(config, encoder, dataset))
-    assert {(r["protocol"], r["label_fraction"]) for r in rows} == {
-        ("linear", 1.0), ("finetune", 0.01), ("finetune", 0.1)}
-    config.finetune.label_fractions = (0.0,)
-    with pytest.raises(ValueError, match=r"finetune.label_fractions: 0.0 is not in \(0, 1\]"):
-        validate(config)
-
-
-def test_auroc_against_the_step_when_a_sweep_holds_several_checkpoints(tmp_path):
-    summary = [dict(encoder=enc, dataset=d, protocol="knn", feature="pixels" if enc == "pixels" else "cls",
-                    label_fraction=1.0, auroc=0.6 + i / 100, ci_lo=0.5, ci_hi=0.9)
-               for i, enc in enumerate(("step_000100", "step_000200_mixed", "step_000300", "random", "pixels"))
-               for d in ("a", "b")]
-    assert report._plot_steps(summary, str(tmp_path / "steps.png")) == ["knn (cls) against the step"]
-    assert (tmp_path / "steps.png").read_bytes().startswith(b"\x89PNG")
-    one_checkpoint = [s for s in summary if s["encoder"] in ("step_000100", "random", "pixels")]
-    assert report._plot_steps(one_checkpoint, str(tmp_path / "none.png")) == []
-    assert not (tmp_path / "none.png").exists()
+    teacher = encoders.from_checkpoint(workdir, 7)
+    data = inputs.pipeline_config(_config(demo_root), str(demo_root / "demo_ct"), "test", 16, 1.0)
+    found = extract(teacher, data, sharding.make_mesh((-1, 1, 1))).features
+    width = teacher.config.width
+    assert found["multiblock"].shape == (len(found["cls"]), (teacher.config.depth + 1) * width)
+    np.testing.assert_allclose(found["multiblock"][:, -2 * width:-width], found["cls"], atol=1e-6)
+    np.testing.assert_allclose(found["multiblock"][:, -width:], found["patch_mean"], atol=1e-6)

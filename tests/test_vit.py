@@ -116,7 +116,7 @@ def test_scan_and_remat_give_the_same_outputs_and_gradients(remat):
 
     def loss(cfg, p):
         out = ViT(cfg).apply({"params": p}, images, train=False)
-        return jnp.sum(out["cls"] ** 2) + jnp.sum(out["patch_mean"])
+        return jnp.sum(out["cls"] ** 2) + jnp.sum(out["patch_mean"]) + jnp.sum(out["block_cls"][:, 0] ** 2)
 
     v0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(base, p)))(params)
     v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(scanned_cfg, p)))(scanned_params)
@@ -125,6 +125,15 @@ def test_scan_and_remat_give_the_same_outputs_and_gradients(remat):
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b) + 1e-7  # fp32; 5e-10 in float64
+
+
+def test_block_cls_is_every_blocks_cls_through_the_final_norm():
+    cfg = _tiny()
+    images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
+    out = ViT(cfg).apply(_init(cfg), images, train=False)
+    assert out["block_cls"].shape == (2, cfg.depth, cfg.width)
+    np.testing.assert_allclose(out["block_cls"][:, -1], out["cls"], atol=1e-6)
+    assert not np.allclose(out["block_cls"][:, 0], out["cls"], atol=1e-3)
 
 
 def test_stochastic_depth_only_in_training():

@@ -8,10 +8,9 @@ from ml_collections import config_dict
 
 from mermed_jax.eval import protocols
 from mermed_jax.eval.encoders import NORMALIZATIONS
+from mermed_jax.eval.features import NETWORK_FEATURES
 from mermed_jax.eval.protocols.linear_probe import DEFAULT_CS
 from mermed_jax.models.precision import PRECISIONS
-
-FEATURES = ("cls", "patch_mean")
 
 
 def _own_fractions() -> dict:
@@ -28,7 +27,7 @@ def eval_recipe() -> ml_collections.ConfigDict:
     c.checkpoints = "latest"
     c.baselines = ("random", "pixels")  # floors shown beside every number
     c.protocols = ("linear", "knn")  # names registered in mermed_jax/eval/protocols/
-    c.features = ("cls",)  # frozen features for linear/kNN: cls and/or patch_mean
+    c.features = ("cls",)  # frozen features for linear/kNN: any of features.NETWORK_FEATURES
     c.label_fractions = (1.0,)  # a protocol's section may set its own (e.g. finetune.label_fractions)
     c.seeds = (0, 1, 42, 123, 2025)
     c.normalization = "pretrain"  # the run's saved per-modality statistics (run.json), "official" or "imagenet"
@@ -60,8 +59,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for p in config.protocols:
         protocols.get(p)  # an unknown name raises, listing the registered ones
     for f in config.features:
-        if f not in FEATURES:
-            raise ValueError(f"features: {f!r} is not one of {FEATURES}")
+        if f not in NETWORK_FEATURES:
+            raise ValueError(f"features: {f!r} is not one of {NETWORK_FEATURES}")
     for b in config.baselines:
         if b not in ("random", "pixels"):
             raise ValueError(f"baselines: {b!r} is not one of ('random', 'pixels')")

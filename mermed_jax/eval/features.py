@@ -1,5 +1,5 @@
-"""Frozen features of one dataset split: CLS and mean-pooled patch tokens of an encoder (or raw
-pixels), extracted data-parallel over the devices through the evaluation pipeline and cached on
+"""Frozen features of one dataset split: CLS and mean-pooled patch tokens of an encoder, DINO's
+multi-block features (or raw pixels), extracted data-parallel over the devices through the evaluation pipeline and cached on
 disk per encoder, dataset and split.
 
 Probes run many times over one extraction (C grids, label fractions, seeds), so features are
@@ -20,6 +20,7 @@ import os
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -30,7 +31,11 @@ from mermed_jax.eval.encoders import PIXELS, Encoder
 from mermed_jax.models.vit import ViT, ViTConfig
 from mermed_jax.preprocess import normalize_images
 
-NETWORK_FEATURES = ("cls", "patch_mean")
+# multiblock: the CLS tokens of the last MULTIBLOCK_DEPTH blocks and the mean patch token, each
+# through the final norm, concatenated (DINO's and DINOv2's linear-probe features): the earlier
+# blocks keep the local texture a small pretraining run's last block has not yet abstracted away.
+NETWORK_FEATURES = ("cls", "patch_mean", "multiblock")
+MULTIBLOCK_DEPTH = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +57,9 @@ def _forward(config: ViTConfig, mesh: jax.sharding.Mesh):
 
     def forward(params, image, modality, mean, std):
         out = model.apply({"params": params}, normalize_images(image, modality, mean, std), train=False)
-        return {k: out[k] for k in NETWORK_FEATURES}
+        blocks = out["block_cls"][:, -MULTIBLOCK_DEPTH:]
+        multiblock = jnp.concatenate([blocks.reshape(blocks.shape[0], -1), out["patch_mean"]], axis=1)
+        return {"cls": out["cls"], "patch_mean": out["patch_mean"], "multiblock": multiblock}
 
     return jax.jit(forward, in_shardings=(repl, batch, batch, repl, repl), out_shardings=batch)
 

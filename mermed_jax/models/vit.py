@@ -164,13 +164,14 @@ class Block(nn.Module):
 
 
 class _ScannedBlock(nn.Module):
-    """Adapts Block to nn.scan's (carry, x) -> (carry, y) signature."""
+    """Adapts Block to nn.scan's (carry, x) -> (carry, y) signature; y is the block's CLS token."""
 
     block_kwargs: dict
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, drop_rate: jnp.ndarray) -> tuple[jnp.ndarray, None]:
-        return Block(**self.block_kwargs, name="block")(x, drop_rate), None
+    def __call__(self, x: jnp.ndarray, drop_rate: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        x = Block(**self.block_kwargs, name="block")(x, drop_rate)
+        return x, x[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +231,10 @@ class PatchEmbed(nn.Module):
 
 
 class ViT(nn.Module):
-    """Returns the CLS token and the mean patch token after the final norm, and the mean patch
-    token before it (the input of a fine-tuning head that replaces the final norm)."""
+    """Returns the CLS token and the mean patch token after the final norm, the mean patch token
+    before it (the input of a fine-tuning head that replaces the final norm), and every block's CLS
+    token through the final norm, [B, depth, width] (DINO's multi-block probe features; unused
+    outputs cost nothing under jit)."""
 
     config: ViTConfig
 
@@ -268,17 +271,20 @@ class ViT(nn.Module):
         x = jnp.concatenate(tokens + [x], axis=1)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
-        x = self._blocks(x, train)
+        x, block_cls = self._blocks(x, train)
         prefix = 1 + cfg.num_registers
         patch_mean_prenorm = x[:, prefix:].astype(jnp.float32).mean(axis=1)
-        x = _layer_norm("norm", policy)(x)
+        norm = _layer_norm("norm", policy)
+        x = norm(x)
         return {
             "cls": x[:, 0].astype(jnp.float32),
             "patch_mean": x[:, prefix:].astype(jnp.float32).mean(axis=1),
             "patch_mean_prenorm": patch_mean_prenorm,
+            "block_cls": norm(block_cls).astype(jnp.float32),
         }
 
-    def _blocks(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def _blocks(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The tokens after the last block, and each block's CLS token [B, depth, width]."""
         cfg = self.config
         # Stochastic depth rises linearly over depth, as in DINO/timm.
         rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth) if cfg.depth > 1 else jnp.zeros((1,))
@@ -295,10 +301,12 @@ class ViT(nn.Module):
                 body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=0, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(block_kwargs, name="blocks")(x, rates)
-            return x
-        block_cls = Block if cfg.remat_policy == "none" else nn.remat(Block, policy=saveable)
+            x, cls_per_block = scanned(block_kwargs, name="blocks")(x, rates)
+            return x, jnp.moveaxis(cls_per_block, 0, 1)
+        block = Block if cfg.remat_policy == "none" else nn.remat(Block, policy=saveable)
+        cls_per_block = []
         for i in range(cfg.depth):
-            x = block_cls(**block_kwargs, name=f"blocks_{i}")(x, rates[i])
-        return x
+            x = block(**block_kwargs, name=f"blocks_{i}")(x, rates[i])
+            cls_per_block.append(x[:, 0])
+        return x, jnp.stack(cls_per_block, axis=1)
 
