@@ -108,3 +108,27 @@ def test_unset_num_train_images_counts_the_records_of_the_data(tmp_path, tiny_co
     config.data.dirs = ()
     with pytest.raises(ValueError, match="num_train_images"):
         derived.train_images(config)
+
+
+@pytest.mark.parametrize("ablation", ["", "loss.modality_gating=False", "data.mixture=natural", "memory.size=2048",
+                                      "seed=1"])
+def test_the_real_image_recipe_and_its_ablations_validate(ablation):
+    c = cfg("cpu_realdata", ",".join(filter(None, ["root=/data/converted", ablation])))
+    validate_config(c, devices=jax.devices())
+    assert c.data.dirs[0] == "/data/converted/breastmnist" and len(c.data.dirs) == 7
+    assert c.loss.teacher_temp == c.loss.warmup_teacher_temp == 0.04 and c.optim.layer_decay == 1.0
+
+
+def test_the_real_image_sweep_parts():
+    from mermed_jax.eval.eval_config import validate
+
+    main, full, curve = (cfg("eval_realdata", f"root=/d,part={p}") for p in ("main", "finetune_full", "curve"))
+    for c in (main, full, curve):
+        validate(c)
+    assert main.protocols == ("linear", "knn", "finetune") and main.finetune.label_fractions == (0.01, 0.1)
+    assert "pneumoniamnist" not in full.datasets and full.finetune.label_fractions == (1.0,)
+    assert curve.checkpoints == "all" and curve.features == ("multiblock",)
+    narrowed = cfg("eval_realdata", "root=/d,part=probes,features=multiblock+cls,baselines=none")
+    assert narrowed.features == ("multiblock", "cls") and narrowed.baselines == ()
+    with pytest.raises(ValueError, match="part='probe'"):
+        cfg("eval_realdata", "part=probe")

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Downstream benchmark on ../shared/realdata: convert the real sets, pretrain a tiny ViT on them for a
-# few CPU minutes, then linear probe + kNN for that checkpoint, a random-init network and raw pixels.
-#   bench/eval_realdata.sh [REALDATA] [OUT] [PRETRAIN_STEPS]
-# OUT (default /tmp/mermed_realdata_eval) receives the converted data, the pretraining workdir and
-# eval results (OUT/pretrain/eval/realdata/results.md); nothing is written into the repository.
+# Converts the real sets of ../shared/realdata for configs/cpu_realdata.py and configs/eval_realdata.py:
+# the seven labelled sets (MedMNIST's four, NIH CXR as binary and 14-finding tasks, ISIC) and the one
+# unlabelled CT volume (axial slices, pretraining only).
+#   bench/realdata_convert.sh [REALDATA] [OUT]
+# OUT (default /tmp/mermed_realdata) receives OUT/id.key and OUT/data/<dataset>/; nothing derived from
+# the real images is written into the repository. Re-running resumes or reuses finished conversions.
 set -euo pipefail
 REAL=${1:-${MERMED_REALDATA:-$(dirname "$0")/../../shared/realdata}}
-OUT=${2:-/tmp/mermed_realdata_eval}
-STEPS=${3:-300}
+OUT=${2:-/tmp/mermed_realdata}
 PY=${PY:-.venv/bin/python}
 DATA=$OUT/data
 mkdir -p "$OUT"
@@ -20,9 +20,7 @@ $PY -m data_pipelines.convert csv "$REAL/cxr_nih1000/labels.csv" --modality cxr 
   --multi-label --none-value "No Finding" --split-column split --patient-column patient_id --dataset nih14 "${common[@]}"
 $PY -m data_pipelines.convert csv "$REAL/derm_isic_uda1/labels.csv" --modality derm --path-column image \
   --path-format "images/{}.jpg" --label-column benign_malignant --dataset isic "${common[@]}"
-dirs="('$DATA/breastmnist','$DATA/pneumoniamnist','$DATA/retinamnist','$DATA/pathmnist_train1000','$DATA/nih_binary','$DATA/isic')"
-XLA_FLAGS=--xla_force_host_platform_device_count=2 $PY -m mermed_jax.pretrain --config=configs/demo_cpu.py \
-  --workdir="$OUT/pretrain" --config.data.dirs="$dirs" --config.max_steps="$STEPS" \
-  --config.checkpoint.every_steps="$STEPS" --config.log_every_steps=50
-XLA_FLAGS=--xla_force_host_platform_device_count=2 $PY -m mermed_jax.evaluate \
-  --config=configs/eval_realdata.py:root="$DATA" --workdir="$OUT/pretrain"
+# Unlabelled: every slice goes to the training split (no evaluation set is drawn from it).
+$PY -m data_pipelines.convert nifti "$REAL/ct_totalsegmentator_example/example_ct.nii.gz" --slice-stride 1 \
+  --windows abdomen,lung,bone --dataset ct_totalseg "${common[@]}" --splits train=1.0
+echo "converted into $DATA"
