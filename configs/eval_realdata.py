@@ -17,8 +17,9 @@ baseline. The second fine-tunes on all labels of the five small sets (all but Pn
 images, which would take longer than every other cell together). `part=probes` runs the probes alone
 (minutes: what the pretraining ablations are compared with). `part=curve` is the kNN AUROC
 of every checkpoint against its step (auroc_vs_step.png; with --watch, while pretraining runs).
-`features=multiblock+cls` and `baselines=none` (or `random`, `pixels`) narrow a sweep, e.g. for the
-ablation runs, whose random and raw-pixel floors are the recipe's. AUROC carries a 1,000-resample bootstrap
+`features=multiblock+cls`, `baselines=none` (or `random`, `pixels`) and `seeds=0` narrow a sweep, e.g.
+for the ablation runs, whose random and raw-pixel floors are the recipe's, or to finish every cell's
+first seed before the others (rows already in results.csv are never rerun). AUROC carries a 1,000-resample bootstrap
 95% interval of the test set. Expected figures: BENCHMARKS.md, "Real images (issue 16)".
 """
 
@@ -38,6 +39,7 @@ def get_config(arg: str | None = None):
     part = options.pop("part", "main")
     features = options.pop("features", None)
     baselines = options.pop("baselines", None)
+    seeds = options.pop("seeds", None)
     if part not in PARTS:
         raise ValueError(f"part={part!r}: expected one of {PARTS}")
     config = eval_recipe()
@@ -54,7 +56,7 @@ def get_config(arg: str | None = None):
         config.features = tuple(features.split("+"))
     if baselines:
         config.baselines = () if baselines == "none" else tuple(baselines.split("+"))
-    config.seeds = (0, 1, 2)
+    config.seeds = tuple(int(seed) for seed in seeds.split("+")) if seeds else (0, 1, 2)
     config.pixel_size = 32
     config.data.update(dict(image_size=IMAGE_SIZE, crop_fraction=1.0, batch_size=256))
     config.linear.update(dict(cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), max_iter=1000))

@@ -128,7 +128,7 @@ def test_the_real_image_sweep_parts():
     assert main.protocols == ("linear", "knn", "finetune") and main.finetune.label_fractions == (0.01, 0.1)
     assert "pneumoniamnist" not in full.datasets and full.finetune.label_fractions == (1.0,)
     assert curve.checkpoints == "all" and curve.features == ("multiblock",)
-    narrowed = cfg("eval_realdata", "root=/d,part=probes,features=multiblock+cls,baselines=none")
-    assert narrowed.features == ("multiblock", "cls") and narrowed.baselines == ()
+    narrowed = cfg("eval_realdata", "root=/d,part=probes,features=multiblock+cls,baselines=none,seeds=0+2")
+    assert narrowed.features == ("multiblock", "cls") and narrowed.baselines == () and narrowed.seeds == (0, 2)
     with pytest.raises(ValueError, match="part='probe'"):
         cfg("eval_realdata", "part=probe")
