@@ -29,7 +29,7 @@ define make_venv
 	touch $(1)/.installed
 endef
 
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(STAMP): requirements.txt requirements-beam.txt requirements-test.txt pyproject.toml
 	$(call make_venv,$(VENV),)
 
 # The main job end to end on built-in synthetic data: shards for all seven modalities,
@@ -78,7 +78,7 @@ INTEROP_STAMP := $(INTEROP_VENV)/.installed
 # Triton (torch's GPU compiler, pulled in by the CUDA build) is removed: its LLVM segfaults at import
 # once TensorFlow and OpenCV are loaded, as they are when pytest collects the suite; the CPU
 # tests never use it.
-$(INTEROP_STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(INTEROP_STAMP): requirements.txt requirements-beam.txt requirements-test.txt pyproject.toml
 	$(call make_venv,$(INTEROP_VENV),torch==2.14.1 torchvision==0.29.1 timm==1.0.31)
 	$(INTEROP_PY) -m pip uninstall --quiet --yes triton
 
