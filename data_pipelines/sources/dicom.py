@@ -78,17 +78,21 @@ class DicomSource(Source):
         self.channels = len(windows) if modality == "ct" else (channels or DEFAULT_CHANNELS[modality])
 
     def items(self) -> list[Item]:
-        items = []
-        for path in list_files(self.root):
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"])
-                # Anonymised files may blank the SOP Instance UID but keep the file meta copy of it.
-                uid = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
-                key, group = str(uid or path), str(ds.get("PatientID") or "") or None
-            except Exception:  # noqa: BLE001 - an unreadable file fails again, and is counted, at load
-                key, group = str(path), None
-            items.append(Item(key=key, group=group, ref=path))
-        return items
+        return [self.item(path) for path in self.units()]
+
+    def units(self) -> list[pathlib.Path]:
+        return list_files(self.root)
+
+    def item(self, unit: pathlib.Path) -> Item:
+        """The item of one file, from its header (a read of the file: the costly part of listing)."""
+        try:
+            ds = pydicom.dcmread(unit, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"])
+            # Anonymised files may blank the SOP Instance UID but keep the file meta copy of it.
+            uid = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+            key, group = str(uid or unit), str(ds.get("PatientID") or "") or None
+        except Exception:  # noqa: BLE001 - an unreadable file fails again, and is counted, at load
+            key, group = str(unit), None
+        return Item(key=key, group=group, ref=unit)
 
     def load(self, item: Item) -> Iterator[Frame]:
         try:
