@@ -11,7 +11,9 @@ Kinds:
 
 Each conversion writes DIR/<dataset>/ (see data_pipelines/manifest.py), runs in --workers
 processes, resumes when re-run with the same arguments, and prints a summary of written records and
-skipped inputs. Image ids are HMACs keyed by --id-key-file or $MERMED_ID_KEY. Nothing written or
+skipped inputs. With --runner=beam the same conversion runs as an Apache Beam pipeline (the
+DirectRunner's --workers processes here, or a cluster through --beam-options; docs/beam.md) and
+writes the same files. Image ids are HMACs keyed by --id-key-file or $MERMED_ID_KEY. Nothing written or
 printed names a source file or holds a DICOM tag value, except that an error stopping a conversion
 of a non-DICOM source names the offending file. Burned-in text in pixels is not removed.
 
@@ -23,17 +25,22 @@ Examples:
         --dataset nih14 --out data --id-key-file ~/mermed_id.key
     python -m data_pipelines.convert dicom ./ct_series --modality ct --windows abdomen,lung,bone \\
         --dataset ct1 --out data --id-key-file ~/mermed_id.key --skip-bad
+    python -m data_pipelines.convert dicom ./ct_series --modality ct --dataset ct1 --out data \\
+        --id-key-file ~/mermed_id.key --skip-bad --runner=beam --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
-from data_pipelines import privacy
+from data_pipelines import privacy, storage
 from data_pipelines.modalities import MODALITIES
 from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
 from data_pipelines.sources.base import Source
@@ -43,7 +50,7 @@ from data_pipelines.sources.dicom import DicomSource
 from data_pipelines.sources.image_folder import ImageFolderSource
 from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.nifti import NiftiSource
-from data_pipelines.sources.synthetic import write_demo_data
+from data_pipelines.sources.synthetic import demo_jobs, demo_key, write_demo_data
 from data_pipelines.splits import parse_fractions
 
 
@@ -61,6 +68,15 @@ def _common(parser: argparse.ArgumentParser, *, dataset_required: bool = True) -
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing conversion in OUT/DATASET")
     parser.add_argument("--no-progress", action="store_true")
+    _runner(parser)
+
+
+def _runner(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runner", choices=("local", "beam"), default="local",
+                        help="local: --workers processes; beam: an Apache Beam pipeline writing the same files")
+    parser.add_argument("--beam-options", default="",
+                        help="Beam pipeline options as one string, e.g. \"--runner=DataflowRunner --project=P ...\" "
+                             "(default: the DirectRunner with --workers processes; docs/beam.md)")
 
 
 def _modality(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -122,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1)
+    _runner(p)
 
     p = kinds.add_parser("new-key", help="create a random id key file")
     p.add_argument("path", help="a local path or a gs:// or s3:// URL")
@@ -162,12 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kind == "new-key":
         print(f"wrote a new id key to {privacy.new_key_file(args.path)}")
         return 0
-    if args.kind == "demo":
-        for m in write_demo_data(args.out, args.images_per_modality, args.size, args.seed,
-                                 shard_size=args.shard_size, workers=args.workers):
-            print(f"{m.dataset}: " + ", ".join(f"{s} {m.splits[s].num_records}" for s in m.splits))
-        return 0
     try:
+        if args.kind == "demo":
+            if args.runner == "beam":
+                jobs = demo_jobs(args.out, args.images_per_modality, args.size, args.seed,
+                                 shard_size=args.shard_size, workers=args.workers)
+                _run_beam(jobs, functools.partial(demo_key, args.seed), args)
+                return 0
+            for m in write_demo_data(args.out, args.images_per_modality, args.size, args.seed,
+                                     shard_size=args.shard_size, workers=args.workers):
+                print(f"{m.dataset}: " + ", ".join(f"{s} {m.splits[s].num_records}" for s in m.splits))
+            return 0
         privacy.check_key_outside(args.id_key_file, args.out)
         key = privacy.load_key(args.id_key_file)
         if args.kind == "medmnist":
@@ -176,6 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = [(MedMnistSource(p), args.dataset or p.name.removesuffix(".npz")) for p in args.npz]
         else:
             jobs = [(make_source(args), args.dataset)]
+        if args.runner == "beam":
+            # Workers read the key themselves, from the same file (or their $MERMED_ID_KEY).
+            key_file = args.id_key_file
+            if key_file is not None and not storage.is_remote(key_file):
+                key_file = os.path.abspath(key_file)
+            _run_beam([(source, _options(args, dataset)) for source, dataset in jobs],
+                      functools.partial(privacy.load_key, key_file), args)
+            return 0
         for source, dataset in jobs:
             print(convert(source, key, _options(args, dataset)).summary())
     except OSError as e:  # an unwritable or full output, an unreadable source folder
@@ -185,6 +215,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _beam_module() -> ModuleType:
+    """data_pipelines.beam_convert, or one line saying how to install Beam when it is missing."""
+    try:
+        from data_pipelines import beam_convert  # noqa: PLC0415 - Beam is optional
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith("apache_beam"):
+            raise
+        raise ConversionError("--runner=beam needs Apache Beam, which is not installed: "
+                              "pip install -r requirements-beam.txt (or pip install 'mermed-jax[beam]')") from None
+    return beam_convert
+
+
+def _run_beam(jobs: list[tuple[Source, ConvertOptions]], load_key: Callable[[], bytes], args: argparse.Namespace) -> None:
+    """Converts every job in one Beam pipeline; prints each dataset's summary and Beam counters."""
+    beam_convert = _beam_module()
+    options = beam_convert.pipeline_options(shlex.split(args.beam_options), args.workers)
+    done = beam_convert.run(jobs, load_key, options)
+    for report in done.reports:
+        counted = done.counters.get(report.manifest.dataset, {})
+        print(report.summary())
+        print("  beam counters: " + ", ".join(f"{name} {value}" for name, value in sorted(counted.items())))
 
 
 def _os_error_message(error: OSError, args: argparse.Namespace) -> str:

@@ -1,0 +1,209 @@
+"""Dataset conversion on Apache Beam: the local converter's plan and shard writer as one pipeline.
+
+`python -m data_pipelines.convert <kind> ... --runner=beam` runs this on the DirectRunner (worker
+processes on this machine) or, through --beam-options, on Dataflow, Flink or Spark (docs/beam.md).
+Each dataset is one branch of the pipeline:
+
+    list units (one worker: folder walk, CSV rows, npz labels, DICOM file paths)
+    -> spread -> item of each unit (DICOM: its header read, on every worker)
+    -> gather -> plan (shard_writer.plan_shards on the whole listing, as the local converter does,
+       so splits and the permutation are fixed before anything is decoded and a skipped input
+       never moves another; shard_writer.begin: the plan's fingerprint, refusal to mix plans)
+    -> spread -> write each shard (shard_writer.write_shard, then its completion marker; a shard
+       whose marker an earlier run left, complete, is kept: shard_writer.kept_shard)
+    -> gather -> manifest.json (shard_writer.build_manifest, results in plan order), after every shard.
+
+So the files written are the local converter's, byte for byte; `convert.py`'s local and Beam runs
+of one command give the same dataset, and either resumes the other's.
+
+Privacy on a cluster, where the runner uploads the job graph, the options and staged files: the
+graph holds configuration only (the source object as the command line made it, the options, and
+how to get the key: the key-file location or the demo seed), never the key, a listed input path,
+a DICOM value or an image id. Workers read the key in DoFn.setup (privacy.load_key: the key file,
+local or a bucket URL, else $MERMED_ID_KEY in the worker's environment). Listed paths, UIDs and
+patient ids travel only as pipeline data, between workers, as the local converter passes them to
+its processes; nothing of this pipeline writes to the runner's temp or staging locations.
+Counters (Beam metrics) carry counts and skip reasons, never ids. Errors are the local
+converter's: a private source's name the item by its hashed id only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineResult, PipelineState
+
+from data_pipelines import manifest as mf
+from data_pipelines import shard_writer as sw
+from data_pipelines import storage
+from data_pipelines.sources.base import Item, Source
+
+KeyLoader = Callable[[], bytes]  # how a worker gets the HMAC key: pickled into the graph, run at setup
+Job = tuple[Source, sw.ConvertOptions]
+_LOCAL_RUNNERS = (None, "DirectRunner")
+_NAMESPACE = "mermed/"  # + dataset: the namespace of a dataset's counters
+
+
+def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
+    """Beam's options from --beam-options' flags only (never this process's argv, which names the
+    source): on the DirectRunner, `workers` worker processes unless the flags say otherwise."""
+    flags = list(flags)
+    if PipelineOptions(flags).view_as(StandardOptions).runner in _LOCAL_RUNNERS:
+        flags = [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing", *flags]
+    return PipelineOptions(flags)
+
+
+def _counter(dataset: str, name: str) -> Any:
+    return Metrics.counter(_NAMESPACE + dataset, name)
+
+
+def _units(_: None, source: Source) -> Iterator[tuple[int, Any]]:
+    yield from enumerate(source.units())
+
+
+def _item(indexed: tuple[int, Any], source: Source) -> tuple[int, Item]:
+    index, unit = indexed
+    return index, source.item(unit)
+
+
+class _Plan(beam.DoFn):
+    """The whole listing -> the plan's shard tasks with their positions, the output readied for them."""
+
+    def __init__(self, source: Source, options: sw.ConvertOptions, load_key: KeyLoader):
+        self._source, self._options, self._load_key = source, options, load_key
+
+    def setup(self) -> None:
+        self._key = self._load_key()
+
+    def process(self, listing: list[tuple[int, Item]]) -> Iterator[tuple[int, sw.ShardTask]]:
+        items = [item for _, item in sorted(listing, key=lambda pair: pair[0])]
+        if not items:
+            raise sw.ConversionError(f"{self._source.__class__.__name__}: no inputs found")
+        tasks = sw.plan_shards(items, self._options)
+        sw.begin(self._options.directory, sw.fingerprint(self._source, tasks, self._key, self._options),
+                 self._options.overwrite)
+        _counter(self._options.dataset, "inputs listed").inc(len(items))
+        yield from enumerate(tasks)
+
+
+class _WriteShard(beam.DoFn):
+    """One planned shard: kept when an earlier run completed it, else written, then marked complete."""
+
+    def __init__(self, source: Source, options: sw.ConvertOptions, load_key: KeyLoader):
+        self._source, self._options, self._load_key = source, options, load_key
+
+    def setup(self) -> None:
+        self._key = self._load_key()
+
+    def process(self, planned: tuple[int, sw.ShardTask]) -> Iterator[tuple[int, sw.ShardResult]]:
+        position, task = planned
+        directory, dataset = self._options.directory, self._options.dataset
+        result = sw.kept_shard(directory, task.name)
+        if result is not None:
+            _counter(dataset, "shards kept").inc()
+        else:
+            result = sw.write_shard(self._source, self._key, self._options, task)
+            sw.write_marker(directory, result)
+            _counter(dataset, "shards written").inc()
+            _counter(dataset, "records written").inc(result.num_records)
+            for reason, _ in result.skipped:
+                _counter(dataset, f"skipped: {reason}").inc()
+        yield position, result
+
+
+def _write_manifest(results: list[tuple[int, sw.ShardResult]], source: Source, options: sw.ConvertOptions) -> None:
+    ordered = [result for _, result in sorted(results, key=lambda pair: pair[0])]
+    mf.save_manifest(sw.build_manifest(source, options, ordered), options.directory)
+
+
+def add_conversion(pipeline: beam.Pipeline, source: Source, options: sw.ConvertOptions, load_key: KeyLoader) -> None:
+    """The branch converting `source` into options.directory (see module docstring)."""
+    name = options.dataset
+    listing = (
+        pipeline
+        | f"{name}: start" >> beam.Create([None])
+        | f"{name}: list" >> beam.FlatMap(_units, source)
+        | f"{name}: spread units" >> beam.Reshuffle()
+        | f"{name}: item of each unit" >> beam.Map(_item, source)
+        | f"{name}: gather listing" >> beam.combiners.ToList()
+    )
+    (
+        listing
+        | f"{name}: plan" >> beam.ParDo(_Plan(source, options, load_key))
+        | f"{name}: spread shards" >> beam.Reshuffle()
+        | f"{name}: write shards" >> beam.ParDo(_WriteShard(source, options, load_key))
+        | f"{name}: gather results" >> beam.combiners.ToList()
+        | f"{name}: write manifest" >> beam.Map(_write_manifest, source, options)
+    )
+
+
+def build(jobs: Sequence[Job], load_key: KeyLoader, options: PipelineOptions) -> beam.Pipeline:
+    """A pipeline converting every job, not yet run (its graph is what a runner uploads)."""
+    pipeline = beam.Pipeline(options=options)
+    for source, job_options in jobs:
+        add_conversion(pipeline, source, job_options, load_key)
+    return pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamRun:
+    reports: list[sw.ConversionReport]
+    counters: dict[str, dict[str, int]]  # per dataset: counter name -> value
+
+
+def counters(result: PipelineResult) -> dict[str, dict[str, int]]:
+    """This package's Beam counters per dataset (committed values where the runner gives them)."""
+    found: dict[str, dict[str, int]] = {}
+    for counter in result.metrics().query(MetricsFilter())["counters"]:
+        namespace = counter.key.metric.namespace
+        if namespace.startswith(_NAMESPACE):
+            value = counter.committed if counter.committed is not None else counter.attempted
+            per_dataset = found.setdefault(namespace.removeprefix(_NAMESPACE), {})
+            per_dataset[counter.key.metric.name] = per_dataset.get(counter.key.metric.name, 0) + value
+    return found
+
+
+def _report(options: sw.ConvertOptions, kept: int) -> sw.ConversionReport:
+    """The local converter's report of a finished dataset, read from what the pipeline wrote."""
+    manifest = mf.load_manifest(options.directory)
+    names = [shard.file for split in manifest.splits.values() for shard in split.shards]
+    with ThreadPoolExecutor(16) as pool:  # one request each on a bucket
+        results = list(pool.map(lambda name: sw.read_marker(options.directory, name), names))
+    return sw.report(manifest, results, kept)
+
+
+def run(jobs: Sequence[Job], load_key: KeyLoader, options: PipelineOptions) -> BeamRun:
+    """Runs the conversion pipeline to the end; ConversionError with the first worker's reason when
+    it fails (a bad input without skipping, a conflicting output, a worker that died)."""
+    pipeline = build(jobs, load_key, options)
+    try:
+        result = pipeline.run()
+        state = result.wait_until_finish()
+    except Exception as e:  # noqa: BLE001 - runners wrap a worker's error in their own types
+        raise sw.ConversionError(f"the Beam pipeline failed: {reason(e)}") from e
+    if state != PipelineState.DONE:
+        raise sw.ConversionError(f"the Beam pipeline ended in state {state}")
+    found = counters(result)
+    return BeamRun(
+        reports=[_report(o, found.get(o.dataset, {}).get("shards kept", 0)) for _, o in jobs],
+        counters=found,
+    )
+
+
+# The converter's message in a worker's traceback, less the step Beam appends to it.
+_CONVERSION_ERROR = re.compile(r"ConversionError: (.*?)(?: \[while running '[^']*'\])?$", re.MULTILINE)
+
+
+def reason(error: BaseException) -> str:
+    """The converter's own message inside a runner's error (its text carries the worker's traceback),
+    else the error's first line."""
+    found = _CONVERSION_ERROR.findall(str(error))
+    return found[-1].strip() if found else storage.first_line(error)
