@@ -1,0 +1,249 @@
+"""Conversion on Apache Beam (DirectRunner, 2 worker processes) against the local converter.
+
+Every kind gives the local converter's dataset byte for byte (shards, indexes, markers, state and
+manifest); a worker killed mid-run fails the run, and running it again completes the same dataset,
+keeping the shards already done; corrupt inputs are counted with Beam metrics and skipped; and the
+privacy audit covers what a cluster runner would upload: the job graph, the options, the temp
+location, besides the outputs and the logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import functools
+import os
+import pathlib
+import re
+import shutil
+import signal
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from beam_runs import beam_workers, dataset_files, kill_tree, run_cli, start_cli, wait_for
+from test_privacy_audit import GROUPS, identifying_strings
+
+import data_pipelines
+from data_pipelines import convert as cli
+from data_pipelines import privacy, records
+from data_pipelines.manifest import Window
+from data_pipelines.shard_writer import ConvertOptions, convert
+from data_pipelines.sources.csv_manifest import CsvSource
+from data_pipelines.sources.dicom import DicomSource
+from data_pipelines.sources.image_folder import ImageFolderSource
+from data_pipelines.sources.medmnist import MedMnistSource
+from data_pipelines.sources.nifti import NiftiSource
+
+beam_convert = pytest.importorskip("data_pipelines.beam_convert")
+
+KEY = bytes(range(32))
+WINDOWS = (Window("abdomen", 40, 400), Window("lung", -600, 1500), Window("bone", 400, 1800))
+TWO_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def assert_same_dataset(local: pathlib.Path, beam: pathlib.Path) -> None:
+    expected, got = dataset_files(local), dataset_files(beam)
+    assert sorted(got) == sorted(expected)
+    assert [name for name in expected if got[name] != expected[name]] == []
+    assert "manifest.json" in got
+
+
+def _noise_folder(root, count: int, size: int, corrupt: int = 0):
+    """ROOT/<class>/<n>.png of random pixels (slow to compress and decode: a real workload)."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        path = root / ("benign", "malignant")[i % 2] / f"img{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(records.encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
+    for i in range(corrupt):
+        (root / "benign" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return root
+
+
+def _key_file(tmp_path):
+    path = tmp_path / "keys" / "id.key"
+    path.parent.mkdir()
+    path.write_text(KEY.hex())
+    return path
+
+
+@pytest.mark.realdata
+def test_every_kind_of_real_data_equals_the_local_conversion(realdata, tmp_path, monkeypatch):
+    """Folder, CSV (multi-label with patients; JPEG pass-through), MedMNIST (with and without its
+    own splits), DICOM (a CT series; palette and RGB ultrasound) and NIfTI, in one pipeline."""
+    us = tmp_path / "in" / "us"
+    us.mkdir(parents=True)
+    for name in GROUPS["us"]:
+        shutil.copy(realdata / "dicom_samples" / name, us / name)
+    nih = realdata / "cxr_nih1000"
+    isic = realdata / "derm_isic_uda1"
+    sources = {
+        "nih2": ImageFolderSource(nih / "NIH1000", modality="cxr"),
+        "nih14": CsvSource(nih / "labels.csv", modality="cxr", label_column="nih_finding_labels", multi_label=True,
+                           none_value="No Finding", split_column="split", patient_column="patient_id"),
+        "isic": CsvSource(isic / "labels.csv", modality="derm", path_column="image", path_format="images/{}.jpg",
+                          label_column="benign_malignant"),
+        "breastmnist": MedMnistSource(realdata / "medmnist" / "breastmnist.npz"),
+        "pathmnist_train1000": MedMnistSource(realdata / "medmnist" / "pathmnist_train1000.npz"),
+        "ct_series": DicomSource(realdata / "ct_totalsegmentator_example" / "example_ct_dicom", modality="ct",
+                                 windows=WINDOWS),
+        "us": DicomSource(us, modality="us", windows=WINDOWS, channels=3),
+        "ct_nifti": NiftiSource(realdata / "ct_totalsegmentator_example" / "example_ct_sm.nii.gz", windows=WINDOWS,
+                                slice_stride=3),
+    }
+
+    def options(out, dataset):
+        return ConvertOptions(dataset=dataset, out_dir=out, shard_size=96, progress=False)
+
+    for dataset, source in sources.items():
+        convert(source, KEY, options(tmp_path / "local", dataset))
+    monkeypatch.chdir(tmp_path)  # the workers import the installed package, not the repository
+    done = beam_convert.run([(s, options(tmp_path / "beam", d)) for d, s in sources.items()],
+                            functools.partial(bytes, KEY), beam_convert.pipeline_options(TWO_WORKERS, 2))
+    for dataset in sources:
+        assert_same_dataset(tmp_path / "local" / dataset, tmp_path / "beam" / dataset)
+    assert {r.manifest.dataset: sum(r.written.values()) for r in done.reports} == {
+        "nih2": 1000, "nih14": 1000, "isic": 557, "breastmnist": 780, "pathmnist_train1000": 1000,
+        "ct_series": 20, "us": 3, "ct_nifti": 10}
+    assert done.counters["nih2"]["records written"] == 1000 and done.counters["nih2"]["inputs listed"] == 1000
+
+
+def test_cli_demo_on_beam_equals_the_local_demo(tmp_path):
+    common = ["demo", "--images-per-modality", "24", "--size", "24", "--shard-size", "8", "--workers", "2"]
+    assert cli.main([*common, "--out", str(tmp_path / "local")]) == 0
+    done = run_cli([*common, "--out", str(tmp_path / "beam"), "--runner=beam"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for dataset in sorted(p.name for p in (tmp_path / "local").iterdir()):
+        assert_same_dataset(tmp_path / "local" / dataset, tmp_path / "beam" / dataset)
+    assert "demo_ct: 24 records in 4 shards (0 kept from an earlier run)" in done.stdout
+    assert "beam counters: inputs listed 24, records written 24, shards written 4" in done.stdout
+
+
+def test_a_killed_worker_fails_the_run_and_a_rerun_gives_the_same_dataset(tmp_path):
+    root = _noise_folder(tmp_path / "folder", count=480, size=96)
+    key_file = _key_file(tmp_path)
+    args = ["folder", str(root), "--modality", "derm", "--dataset", "noise", "--id-key-file", str(key_file),
+            "--shard-size", "4", "--workers", "2", "--no-progress"]
+    assert cli.main([*args, "--out", str(tmp_path / "local")]) == 0
+    beam_args = [*args, "--out", str(tmp_path / "beam"), "--runner=beam"]
+    out = tmp_path / "beam" / "noise"
+    process = start_cli(beam_args, cwd=tmp_path)
+    try:
+        wait_for(lambda: any(p.name.startswith(".convert_done.") for p in out.glob(".*")), 120, "a first shard")
+        os.kill(beam_workers(process.pid)[0], signal.SIGKILL)
+        _, err = process.communicate(timeout=60)
+    finally:
+        kill_tree(process.pid)
+    assert process.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("error: the Beam pipeline failed: ")
+    assert not (out / "manifest.json").exists()
+    total = len(dataset_files(tmp_path / "local" / "noise")) // 3  # shard, index, marker each
+    done_before = len(list(out.glob(".convert_done.*")))
+    assert 1 <= done_before < total
+
+    again = run_cli(beam_args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    kept = int(re.search(r"\((\d+) kept from an earlier run\)", again.stdout).group(1))
+    assert kept >= done_before and f"shards kept {kept}," in again.stdout
+    assert f"shards written {total - kept}" in again.stdout
+    assert_same_dataset(tmp_path / "local" / "noise", out)
+
+
+def test_corrupt_inputs_stop_the_run_or_are_counted_and_skipped(tmp_path):
+    root = _noise_folder(tmp_path / "folder", count=20, size=16, corrupt=2)
+    key_file = _key_file(tmp_path)
+    args = ["folder", str(root), "--modality", "derm", "--dataset", "f", "--id-key-file", str(key_file),
+            "--shard-size", "4", "--workers", "2", "--no-progress"]
+    assert cli.main([*args, "--out", str(tmp_path / "local"), "--skip-bad"]) == 0
+    beam_args = [*args, "--out", str(tmp_path / "beam"), "--runner=beam"]
+    stopped = run_cli(beam_args, cwd=tmp_path)
+    assert stopped.returncode == 1
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: the Beam pipeline failed: ImageFolderSource item 'benign/broken\d.png' .*"
+                        r"\(use the skip policy, --skip-bad, to skip and count such inputs\)", last), last
+    skipped = run_cli([*beam_args, "--skip-bad"], cwd=tmp_path)  # resumes what the stopped run finished
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "skipped: undecodable image 2" in skipped.stdout and "2 x undecodable image" in skipped.stdout
+    for name in ("benign/broken0.png", "benign/broken1.png"):
+        assert privacy.image_id(KEY, name) in skipped.stdout
+    assert_same_dataset(tmp_path / "local" / "f", tmp_path / "beam" / "f")
+
+
+def test_without_beam_the_cli_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "data_pipelines.beam_convert")
+    monkeypatch.delattr(data_pipelines, "beam_convert")
+    root = _noise_folder(tmp_path / "folder", count=2, size=8)
+    code = cli.main(["folder", str(root), "--modality", "derm", "--dataset", "f", "--out", str(tmp_path / "out"),
+                     "--id-key-file", str(_key_file(tmp_path)), "--runner=beam"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err == ("error: --runner=beam needs Apache Beam, which is not installed: pip install -r "
+                   "requirements-beam.txt (or pip install 'mermed-jax[beam]')\n")
+
+
+# --------------------------------------------------------------------------- privacy audit
+
+def unpacked_pickles(graph: bytes) -> list[bytes]:
+    """The pickles inside a serialized job graph: Beam stores each function as base64 of a
+    compressed (bz2 or zlib) pickle, which a plain search of the graph would not see into."""
+    found = []
+    for token in re.findall(rb"[A-Za-z0-9+/]{40,}={0,2}", graph):
+        try:
+            packed = base64.b64decode(token, validate=True)
+        except ValueError:
+            continue
+        for unpack in (bz2.decompress, zlib.decompress):
+            try:
+                found.append(unpack(packed))
+                break
+            except (OSError, ValueError, zlib.error):
+                continue
+    return found
+
+
+@pytest.mark.realdata
+def test_privacy_audit_on_beam(realdata, tmp_path):
+    """Nothing the Beam path writes, prints, logs or counts, nor its job graph, options or temp
+    location, holds a DICOM tag value, a source file name or the key."""
+    sources, out, temp = tmp_path / "sources", tmp_path / "out", tmp_path / "beam_temp"
+    temp.mkdir()
+    key_file = tmp_path / "keys" / "id.key"
+    key_file.parent.mkdir()
+    assert cli.main(["new-key", str(key_file)]) == 0
+    key = privacy.load_key(key_file)
+    secrets: set[str] = set()
+    flags = f"--temp_location={temp} --direct_num_workers=2 --direct_running_mode=multi_processing"
+    printed, jobs = [], []
+    for modality, names in GROUPS.items():
+        for name in names:
+            (sources / modality).mkdir(parents=True, exist_ok=True)
+            shutil.copy(realdata / "dicom_samples" / name, sources / modality / name)
+            secrets |= identifying_strings(sources / modality / name)
+        argv = ["dicom", str(sources / modality), "--modality", modality, "--dataset", f"dicom_{modality}",
+                "--out", str(out), "--id-key-file", str(key_file), "--splits", "train=1.0", "--no-progress",
+                "--runner=beam", f"--beam-options={flags}", *(["--channels", "3"] if modality == "us" else [])]
+        done = run_cli(argv, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed += [done.stdout, done.stderr]
+        args = cli.build_parser().parse_args(argv)
+        jobs.append((cli.make_source(args), cli._options(args, args.dataset)))
+    assert len(secrets) > 50 and {"693_UNCR.dcm", "RG1_J2KI"} <= secrets
+    assert "beam counters:" in printed[0] and "SDK Harness" in printed[1]  # the workers' logs are here
+
+    options = beam_convert.pipeline_options(flags.split(), 2)
+    load_key = functools.partial(privacy.load_key, str(key_file))
+    graph = beam_convert.build(jobs, load_key, options).to_runner_api().SerializeToString()
+    pickles = unpacked_pickles(graph)
+    assert any(b"data_pipelines.beam_convert" in p and str(key_file).encode() in p for p in pickles)  # seen into
+    uploaded = [("job graph", graph), *((f"pickle {i} in the job graph", p) for i, p in enumerate(pickles)),
+                ("options", repr(options.get_all_options(drop_default=True)).encode())]  # the rest are Beam's
+    uploaded += [(str(p), p.read_bytes()) for p in sorted(temp.rglob("*")) if p.is_file()]
+    uploaded += [(str(p), p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()]
+    uploaded += [(f"file name {p}", str(p.relative_to(tmp_path)).encode()) for p in out.rglob("*")]
+    uploaded += [(f"printed or logged text {i}", text.encode()) for i, text in enumerate(printed)]
+    needles = {s: s.encode() for s in secrets} | {"the key": key, "the key in hex": key.hex().encode()}
+    assert [f"{name} in {where}" for name, needle in needles.items() for where, blob in uploaded
+            if needle in blob] == []
