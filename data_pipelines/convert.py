@@ -95,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = parser.add_subparsers(dest="kind", required=True)
 
     p = kinds.add_parser("folder", help="a class per folder")
-    p.add_argument("root", type=pathlib.Path)
+    p.add_argument("root", help="a local folder or a gs:// or s3:// prefix")
     _modality(p)
     _common(p)
 
     p = kinds.add_parser("csv", help="a CSV manifest")
-    p.add_argument("csv", type=pathlib.Path)
-    p.add_argument("--root", type=pathlib.Path, help="base of relative paths (default: the CSV's folder)")
+    p.add_argument("csv", help="a local file or a gs:// or s3:// URL")
+    p.add_argument("--root", help="base of relative paths (default: the CSV's folder)")
     p.add_argument("--path-column", default="path")
     p.add_argument("--path-format", default="{}", help='e.g. "images/{}.jpg" for bare names')
     p.add_argument("--label-column", default="label")
@@ -115,18 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = kinds.add_parser("medmnist", help="MedMNIST npz files; one dataset per file, named after it")
-    p.add_argument("npz", type=pathlib.Path, nargs="+")
+    p.add_argument("npz", nargs="+", help="local files or gs:// or s3:// URLs")
     _common(p, dataset_required=False)
 
     p = kinds.add_parser("dicom", help="a folder of DICOM files")
-    p.add_argument("root", type=pathlib.Path)
+    p.add_argument("root", help="a local folder or a gs:// or s3:// prefix")
     p.add_argument("--frame-stride", type=int, default=1)
     _modality(p)
     _windows(p)
     _common(p)
 
     p = kinds.add_parser("nifti", help="NIfTI CT volumes (a file or a folder)")
-    p.add_argument("root", type=pathlib.Path)
+    p.add_argument("root", help="a file or folder, local or a gs:// or s3:// URL")
     p.add_argument("--slice-stride", type=int, default=1)
     _windows(p)
     _common(p)
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.kind == "medmnist":
             if args.dataset and len(args.npz) > 1:
                 parser.error("--dataset names one dataset; give one npz file or leave --dataset out")
-            jobs = [(MedMnistSource(p), args.dataset or p.name.removesuffix(".npz")) for p in args.npz]
+            jobs = [(MedMnistSource(p), args.dataset or storage.path(p).name.removesuffix(".npz")) for p in args.npz]
         else:
             jobs = [(make_source(args), args.dataset)]
         if args.runner == "beam":
@@ -229,7 +229,8 @@ def _beam_module() -> ModuleType:
     return beam_convert
 
 
-def _run_beam(jobs: list[tuple[Source, ConvertOptions]], load_key: Callable[[], bytes], args: argparse.Namespace) -> None:
+def _run_beam(jobs: list[tuple[Source, ConvertOptions]], load_key: Callable[[], bytes],
+              args: argparse.Namespace) -> None:
     """Converts every job in one Beam pipeline; prints each dataset's summary and Beam counters."""
     beam_convert = _beam_module()
     options = beam_convert.pipeline_options(shlex.split(args.beam_options), args.workers)
