@@ -20,14 +20,16 @@ import signal
 import sys
 import zlib
 
+import nibabel as nib
 import numpy as np
 import pytest
 from beam_runs import beam_workers, dataset_files, kill_tree, run_cli, start_cli, wait_for
+from test_convert_dicom import make_dicom
 from test_privacy_audit import GROUPS, identifying_strings
 
 import data_pipelines
 from data_pipelines import convert as cli
-from data_pipelines import privacy, records
+from data_pipelines import privacy, records, storage
 from data_pipelines.manifest import Window
 from data_pipelines.shard_writer import ConvertOptions, convert
 from data_pipelines.sources.csv_manifest import CsvSource
@@ -169,6 +171,53 @@ def test_corrupt_inputs_stop_the_run_or_are_counted_and_skipped(tmp_path):
     for name in ("benign/broken0.png", "benign/broken1.png"):
         assert privacy.image_id(KEY, name) in skipped.stdout
     assert_same_dataset(tmp_path / "local" / "f", tmp_path / "beam" / "f")
+
+
+def test_inputs_and_outputs_in_a_bucket_on_beam_equal_local_ones(gcs_bucket, tmp_path, monkeypatch):
+    """Folder, CSV, MedMNIST, DICOM and NIfTI inputs read from gs:// and written to gs:// by the Beam
+    workers give the local files (NIfTI ids hash the volume's path, so its pixels are compared)."""
+    local = tmp_path / "in"
+    _noise_folder(local / "folder", count=12, size=16)
+    (local / "folder.csv").write_text("path,label\n" + "".join(
+        f"folder/{c}/img{i:04d}.png,{c}\n" for i in range(12) for c in [("benign", "malignant")[i % 2]]))
+    rng = np.random.default_rng(1)
+    np.savez(local / "breastmnist.npz", train_images=rng.integers(0, 256, (10, 8, 8), dtype=np.uint8),
+             train_labels=rng.integers(0, 2, (10, 1)))
+    for i in range(4):
+        make_dicom(local / "dicom" / f"series{i % 2}" / f"slice{i}", rng.integers(-1000, 2000, (8, 8), dtype=np.int16))
+    nib.save(nib.Nifti1Image(rng.integers(-1000, 2000, (8, 8, 4)).astype(np.int16), np.eye(4)), local / "v.nii.gz")
+    bucket_in = f"{gcs_bucket}/in"
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.upload(path, f"{bucket_in}/{path.relative_to(local).as_posix()}")
+
+    def sources(root):
+        return {
+            "folder": ImageFolderSource(f"{root}/folder", modality="derm"),
+            "csv": CsvSource(f"{root}/folder.csv", modality="derm"),
+            "breastmnist": MedMnistSource(f"{root}/breastmnist.npz"),
+            "dicom": DicomSource(f"{root}/dicom", modality="ct", windows=WINDOWS),
+            "nifti": NiftiSource(f"{root}/v.nii.gz", windows=WINDOWS),
+        }
+
+    def options(out, dataset):
+        return ConvertOptions(dataset=dataset, out_dir=out, shard_size=3, progress=False)
+
+    for dataset, source in sources(local).items():
+        convert(source, KEY, options(tmp_path / "out", dataset))
+    monkeypatch.chdir(tmp_path)
+    out = f"{gcs_bucket}/out"
+    beam_convert.run([(s, options(out, d)) for d, s in sources(bucket_in).items()], functools.partial(bytes, KEY),
+                     beam_convert.pipeline_options(TWO_WORKERS, 2))
+    for dataset in ("folder", "csv", "breastmnist", "dicom"):
+        names = sorted(dataset_files(tmp_path / "out" / dataset))
+        assert sorted(storage.list_sizes(f"{out}/{dataset}")) == names
+        for name in names:
+            assert storage.read_bytes(f"{out}/{dataset}/{name}") == (tmp_path / "out" / dataset / name).read_bytes()
+    shard = "nifti/train-00000-of-00001.tfrecord"
+    images = [[records.decode_example(payload)["image"] for _, payload in records.iter_records(path)]
+              for path in (tmp_path / "out" / shard, f"{out}/{shard}")]
+    assert len(images[0]) == 4 and images[0] == images[1]
 
 
 def test_without_beam_the_cli_says_how_to_install_it(tmp_path, capsys, monkeypatch):
