@@ -42,6 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from data_pipelines import manifest as mf
+from data_pipelines import privacy
 from data_pipelines import shard_writer as sw
 from data_pipelines import storage
 from data_pipelines.sources.base import Item, Source
@@ -59,6 +60,21 @@ def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
     if PipelineOptions(flags).view_as(StandardOptions).runner in _LOCAL_RUNNERS:
         flags = [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing", *flags]
     return PipelineOptions(flags)
+
+
+def check_locations(options: PipelineOptions, locations: Sequence[tuple[str, str | None]]) -> None:
+    """On Dataflow, whose workers share no disk with this machine, refuses a local input, output or
+    key file, and a key left to $MERMED_ID_KEY (not in the workers' environment), naming the flag,
+    before the job is submitted. `locations`: (flag, location or None when not given)."""
+    if options.view_as(StandardOptions).runner != "DataflowRunner":
+        return
+    for flag, location in locations:
+        if location is None and flag == "--id-key-file":
+            raise sw.ConversionError("on Dataflow the workers read the id key from --id-key-file: give a gs:// URL "
+                                     f"(${privacy.KEY_ENV} is not in their environment)")
+        if location is not None and not storage.is_remote(location):
+            raise sw.ConversionError(f"{flag} {location}: a local path, which Dataflow's workers cannot reach; "
+                                     "give a gs:// URL")
 
 
 def _counter(dataset: str, name: str) -> Any:

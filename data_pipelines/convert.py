@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.runner == "beam":
                 jobs = demo_jobs(args.out, args.images_per_modality, args.size, args.seed,
                                  shard_size=args.shard_size, workers=args.workers)
-                _run_beam(jobs, functools.partial(demo_key, args.seed), args)
+                _run_beam(jobs, functools.partial(demo_key, args.seed), args, [("--out", args.out)])
                 return 0
             for m in write_demo_data(args.out, args.images_per_modality, args.size, args.seed,
                                      shard_size=args.shard_size, workers=args.workers):
@@ -203,8 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             key_file = args.id_key_file
             if key_file is not None and not storage.is_remote(key_file):
                 key_file = os.path.abspath(key_file)
+            inputs = args.npz if args.kind == "medmnist" else [args.csv if args.kind == "csv" else args.root]
+            locations = [("--out", args.out), ("--id-key-file", args.id_key_file), *(("input", i) for i in inputs)]
             _run_beam([(source, _options(args, dataset)) for source, dataset in jobs],
-                      functools.partial(privacy.load_key, key_file), args)
+                      functools.partial(privacy.load_key, key_file), args, locations)
             return 0
         for source, dataset in jobs:
             print(convert(source, key, _options(args, dataset)).summary())
@@ -229,11 +231,13 @@ def _beam_module() -> ModuleType:
     return beam_convert
 
 
-def _run_beam(jobs: list[tuple[Source, ConvertOptions]], load_key: Callable[[], bytes],
-              args: argparse.Namespace) -> None:
-    """Converts every job in one Beam pipeline; prints each dataset's summary and Beam counters."""
+def _run_beam(jobs: list[tuple[Source, ConvertOptions]], load_key: Callable[[], bytes], args: argparse.Namespace,
+              locations: list[tuple[str, str | None]]) -> None:
+    """Converts every job in one Beam pipeline; prints each dataset's summary and Beam counters.
+    `locations`: (flag, the location it names), which the runner's workers must reach."""
     beam_convert = _beam_module()
     options = beam_convert.pipeline_options(shlex.split(args.beam_options), args.workers)
+    beam_convert.check_locations(options, locations)
     done = beam_convert.run(jobs, load_key, options)
     for report in done.reports:
         counted = done.counters.get(report.manifest.dataset, {})

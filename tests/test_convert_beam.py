@@ -220,6 +220,18 @@ def test_inputs_and_outputs_in_a_bucket_on_beam_equal_local_ones(gcs_bucket, tmp
     assert len(images[0]) == 4 and images[0] == images[1]
 
 
+def test_dataflow_is_refused_local_locations_before_submitting(tmp_path, capsys):
+    root = _noise_folder(tmp_path / "folder", count=2, size=8)
+    dataflow = "--beam-options=--runner=DataflowRunner --project=p --region=r --temp_location=gs://b/t"
+    common = ["folder", str(root), "--modality", "derm", "--dataset", "f", "--runner=beam", dataflow]
+    key = str(_key_file(tmp_path))
+    assert cli.main([*common, "--out", "gs://b/out", "--id-key-file", key]) == 1
+    assert capsys.readouterr().err == (f"error: --id-key-file {key}: a local path, which Dataflow's workers cannot "
+                                       "reach; give a gs:// URL\n")
+    assert cli.main([*common, "--out", str(tmp_path / "out"), "--id-key-file", key]) == 1
+    assert f"error: --out {tmp_path / 'out'}: a local path" in capsys.readouterr().err
+
+
 def test_without_beam_the_cli_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "data_pipelines.beam_convert")
@@ -256,7 +268,7 @@ def unpacked_pickles(graph: bytes) -> list[bytes]:
 @pytest.mark.realdata
 def test_privacy_audit_on_beam(realdata, tmp_path):
     """Nothing the Beam path writes, prints, logs or counts, nor its job graph, options or temp
-    location, holds a DICOM tag value, a source file name or the key."""
+    location, holds a DICOM tag value, a source file name or the key; a bad input among them too."""
     sources, out, temp = tmp_path / "sources", tmp_path / "out", tmp_path / "beam_temp"
     temp.mkdir()
     key_file = tmp_path / "keys" / "id.key"
@@ -266,6 +278,9 @@ def test_privacy_audit_on_beam(realdata, tmp_path):
     secrets: set[str] = set()
     flags = f"--temp_location={temp} --direct_num_workers=2 --direct_running_mode=multi_processing"
     printed, jobs = [], []
+    no_pixels = sources / "ct" / "NOPIXELS_Doe_Jane.dcm"  # a bad input, skipped and counted
+    make_dicom(no_pixels, np.zeros((4, 4), np.int16), with_pixels=False)
+    secrets |= identifying_strings(no_pixels)
     for modality, names in GROUPS.items():
         for name in names:
             (sources / modality).mkdir(parents=True, exist_ok=True)
@@ -273,14 +288,15 @@ def test_privacy_audit_on_beam(realdata, tmp_path):
             secrets |= identifying_strings(sources / modality / name)
         argv = ["dicom", str(sources / modality), "--modality", modality, "--dataset", f"dicom_{modality}",
                 "--out", str(out), "--id-key-file", str(key_file), "--splits", "train=1.0", "--no-progress",
+                "--skip-bad",
                 "--runner=beam", f"--beam-options={flags}", *(["--channels", "3"] if modality == "us" else [])]
         done = run_cli(argv, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         printed += [done.stdout, done.stderr]
         args = cli.build_parser().parse_args(argv)
         jobs.append((cli.make_source(args), cli._options(args, args.dataset)))
-    assert len(secrets) > 50 and {"693_UNCR.dcm", "RG1_J2KI"} <= secrets
-    assert "beam counters:" in printed[0] and "SDK Harness" in printed[1]  # the workers' logs are here
+    assert len(secrets) > 50 and {"693_UNCR.dcm", "RG1_J2KI", "NOPIXELS_Doe_Jane", "PID-4711-SECRET"} <= secrets
+    assert "skipped: DICOM without pixel data 1" in printed[0] and "SDK Harness" in printed[1]  # workers' logs
 
     options = beam_convert.pipeline_options(flags.split(), 2)
     load_key = functools.partial(privacy.load_key, str(key_file))
