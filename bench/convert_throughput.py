@@ -1,16 +1,19 @@
 """Conversion throughput per core: the local converter against the Beam pipeline on the same inputs.
 
-Builds three inputs from ../shared/realdata, each `--repeat` times over (links under new names, so
-every copy is an item of its own): the ISIC dermoscopy JPEGs (384 px, stored as they are, decoded
-for the statistics), the CT DICOM series (512 x 512, HU to three windows, PNG-encoded) and the NIH
-chest X-rays (64 px PNGs, where per-image overheads dominate). Each is converted through the CLI,
-`--runner=local` and `--runner=beam` (DirectRunner, worker processes), with 1 and 2 workers, into a
-fresh folder; the two runners' datasets are checked equal. Times are of the whole command (start-up,
-listing, planning, manifest included); CPU-seconds are the command's and every process it waited
-for (the local converter's pool, Beam's workers), from the kernel's child accounting.
+Builds three inputs from ../shared/realdata, each once and `--repeat` times over (links under new
+names, so every copy is an item of its own): the ISIC dermoscopy JPEGs (384 px, stored as they are,
+decoded for the statistics), the CT DICOM series (512 x 512, HU to three windows, PNG-encoded) and
+the NIH chest X-rays (64 px PNGs, where per-image overheads dominate). Each is converted through
+the CLI, `--runner=local` and `--runner=beam` (DirectRunner, worker processes), with 1 and 2
+workers, into a fresh folder; the two runners' datasets are checked equal. Times are of the whole
+command (start-up, listing, planning, manifest included); CPU-seconds are the command's and every
+process it waited for (the local converter's pool, Beam's workers), from the kernel's child
+accounting. The marginal rate, images per CPU-second between the single and the repeated input,
+leaves out what a run costs whatever its size (start-up, imports, worker processes): the rate a
+large corpus converts at; the fixed cost is the rest.
 
 Usage (from the repository root):
-  .venv/bin/python -m bench.convert_throughput --realdata ../shared/realdata [--repeat 4] [--workers 1 2]
+  .venv/bin/python -m bench.convert_throughput --realdata ../shared/realdata [--repeat 20] [--workers 1 2]
 """
 from __future__ import annotations
 
@@ -67,32 +70,46 @@ def _dataset_files(directory: pathlib.Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
 
+def _convert(source: list[str], name: str, out: pathlib.Path, key: pathlib.Path, runner: str, workers: int,
+             shard_size: int) -> tuple[int, float, float, dict[str, bytes]]:
+    """(images, wall s, CPU s, the dataset's files) of one conversion through the CLI."""
+    wall, cpu = _timed([sys.executable, "-m", "data_pipelines.convert", *source, "--dataset", name, "--out", str(out),
+                        "--id-key-file", str(key), "--workers", str(workers), "--shard-size", str(shard_size),
+                        "--no-progress", f"--runner={runner}"])
+    images = sum(s.num_records for s in load_manifest(out / name).splits.values())
+    return images, wall, cpu, _dataset_files(out / name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--realdata", default=os.environ.get("MERMED_REALDATA", "../shared/realdata"))
-    parser.add_argument("--repeat", type=int, default=4, help="copies of each input file")
+    parser.add_argument("--repeat", type=int, default=20, help="copies of each input file in the large input")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shard-size", type=int, default=256)
     args = parser.parse_args()
 
-    print("| input | images | runner | workers | wall s | CPU s | img/s | img/s per worker | img per CPU-s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| input | images | runner | workers | wall s | CPU s | img/s per worker | img per CPU-s "
+          "| marginal img per CPU-s | fixed CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
         key = root / "id.key"
         key.write_text(os.urandom(32).hex())
-        for name, source in _inputs(pathlib.Path(args.realdata), root / "in", args.repeat).items():
+        small = _inputs(pathlib.Path(args.realdata), root / "small", 1)
+        large = _inputs(pathlib.Path(args.realdata), root / "large", args.repeat)
+        for name in large:
             for workers in args.workers:
                 outputs = {}
                 for runner in ("local", "beam"):
-                    out = root / f"out-{name}-{runner}-{workers}"
-                    wall, cpu = _timed([sys.executable, "-m", "data_pipelines.convert", *source, "--dataset", name,
-                                        "--out", str(out), "--id-key-file", str(key), "--workers", str(workers),
-                                        "--shard-size", str(args.shard_size), "--no-progress", f"--runner={runner}"])
-                    outputs[runner] = _dataset_files(out / name)
-                    images = sum(s.num_records for s in load_manifest(out / name).splits.values())
-                    print(f"| {name} | {images} | {runner} | {workers} | {wall:.1f} | {cpu:.1f} | {images / wall:.1f} "
-                          f"| {images / wall / workers:.1f} | {images / cpu:.1f} |", flush=True)
+                    out = root / f"out-{runner}-{workers}"
+                    few, _, few_cpu, _ = _convert(small[name], name, out / "small", key, runner, workers,
+                                                  args.shard_size)
+                    images, wall, cpu, outputs[runner] = _convert(large[name], name, out / "large", key, runner,
+                                                                  workers, args.shard_size)
+                    marginal = (images - few) / (cpu - few_cpu)
+                    print(f"| {name} | {images} | {runner} | {workers} | {wall:.1f} | {cpu:.1f} "
+                          f"| {images / wall / workers:.1f} | {images / cpu:.1f} | {marginal:.1f} "
+                          f"| {cpu - images / marginal:.1f} |", flush=True)
                 if outputs["local"] != outputs["beam"]:
                     raise SystemExit(f"{name}: the Beam dataset differs from the local one")
 
