@@ -4,7 +4,7 @@ Builds three inputs from ../shared/realdata, each once and `--repeat` times over
 names, so every copy is an item of its own): the ISIC dermoscopy JPEGs (384 px, stored as they are,
 decoded for the statistics), the CT DICOM series (512 x 512, HU to three windows, PNG-encoded) and
 the NIH chest X-rays (64 px PNGs, where per-image overheads dominate). Each is converted through
-the CLI, `--runner=local` and `--runner=beam` (DirectRunner, worker processes), with 1 and 2
+the CLI, `--runner=local` and `--runner=beam` (Beam's local runner, worker processes), with 1 and 2
 workers, into a fresh folder; the two runners' datasets are checked equal. Times are of the whole
 command (start-up, listing, planning, manifest included); CPU-seconds are the command's and every
 process it waited for (the local converter's pool, Beam's workers), from the kernel's child

@@ -1,6 +1,6 @@
 """Dataset conversion on Apache Beam: the local converter's plan and shard writer as one pipeline.
 
-`python -m data_pipelines.convert <kind> ... --runner=beam` runs this on the DirectRunner (worker
+`python -m data_pipelines.convert <kind> ... --runner=beam` runs this on Beam's local runner (worker
 processes on this machine) or, through --beam-options, on Dataflow, Flink or Spark (docs/beam.md).
 Each dataset is one branch of the pipeline:
 
@@ -49,15 +49,23 @@ from data_pipelines.sources.base import Item, Source
 
 KeyLoader = Callable[[], bytes]  # how a worker gets the HMAC key: pickled into the graph, run at setup
 Job = tuple[Source, sw.ConvertOptions]
-_LOCAL_RUNNERS = (None, "DirectRunner")
+# Runners of worker processes on this machine, which take --direct_num_workers.
+_LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner")
 _NAMESPACE = "mermed/"  # + dataset: the namespace of a dataset's counters
 
 
 def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
     """Beam's options from --beam-options' flags only (never this process's argv, which names the
-    source): on the DirectRunner, `workers` worker processes unless the flags say otherwise."""
+    source); on this machine `workers` worker processes unless the flags say otherwise.
+
+    Without a runner in the flags: the FnApiRunner, which the DirectRunner runs batch pipelines on.
+    The DirectRunner itself first tries Prism, a binary it downloads at run time (here it cannot,
+    and falls back), which would run the workers as threads of this process instead."""
     flags = list(flags)
-    if PipelineOptions(flags).view_as(StandardOptions).runner in _LOCAL_RUNNERS:
+    runner = PipelineOptions(flags).view_as(StandardOptions).runner
+    if runner is None:
+        flags = ["--runner=FnApiRunner", *flags]
+    if runner is None or runner in _LOCAL_RUNNERS:
         flags = [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing", *flags]
     return PipelineOptions(flags)
 
@@ -90,14 +98,19 @@ def _item(indexed: tuple[int, Any], source: Source) -> tuple[int, Item]:
     return index, source.item(unit)
 
 
-class _Plan(beam.DoFn):
-    """The whole listing -> the plan's shard tasks with their positions, the output readied for them."""
+class _Keyed(beam.DoFn):
+    """A step that needs the key: it holds how to get it (pickled into the graph) and reads it on
+    the worker, at setup, so the key itself is never pickled."""
 
     def __init__(self, source: Source, options: sw.ConvertOptions, load_key: KeyLoader):
         self._source, self._options, self._load_key = source, options, load_key
 
     def setup(self) -> None:
         self._key = self._load_key()
+
+
+class _Plan(_Keyed):
+    """The whole listing -> the plan's shard tasks with their positions, the output readied for them."""
 
     def process(self, listing: list[tuple[int, Item]]) -> Iterator[tuple[int, sw.ShardTask]]:
         items = [item for _, item in sorted(listing, key=lambda pair: pair[0])]
@@ -110,14 +123,8 @@ class _Plan(beam.DoFn):
         yield from enumerate(tasks)
 
 
-class _WriteShard(beam.DoFn):
+class _WriteShard(_Keyed):
     """One planned shard: kept when an earlier run completed it, else written, then marked complete."""
-
-    def __init__(self, source: Source, options: sw.ConvertOptions, load_key: KeyLoader):
-        self._source, self._options, self._load_key = source, options, load_key
-
-    def setup(self) -> None:
-        self._key = self._load_key()
 
     def process(self, planned: tuple[int, sw.ShardTask]) -> Iterator[tuple[int, sw.ShardResult]]:
         position, task = planned

@@ -11,8 +11,8 @@ Kinds:
 
 Each conversion writes DIR/<dataset>/ (see data_pipelines/manifest.py), runs in --workers
 processes, resumes when re-run with the same arguments, and prints a summary of written records and
-skipped inputs. With --runner=beam the same conversion runs as an Apache Beam pipeline (the
-DirectRunner's --workers processes here, or a cluster through --beam-options; docs/beam.md) and
+skipped inputs. With --runner=beam the same conversion runs as an Apache Beam pipeline (Beam's
+local runner with --workers processes, or a cluster through --beam-options; docs/beam.md) and
 writes the same files. Image ids are HMACs keyed by --id-key-file or $MERMED_ID_KEY. Nothing written or
 printed names a source file or holds a DICOM tag value, except that an error stopping a conversion
 of a non-DICOM source names the offending file. Burned-in text in pixels is not removed.
@@ -76,7 +76,7 @@ def _runner(parser: argparse.ArgumentParser) -> None:
                         help="local: --workers processes; beam: an Apache Beam pipeline writing the same files")
     parser.add_argument("--beam-options", default="",
                         help="Beam pipeline options as one string, e.g. \"--runner=DataflowRunner --project=P ...\" "
-                             "(default: the DirectRunner with --workers processes; docs/beam.md)")
+                             "(default: Beam's local runner with --workers processes; docs/beam.md)")
 
 
 def _modality(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -70,7 +70,7 @@ def beam_workers(pid: int) -> list[int]:
 
 
 def kill_tree(pid: int) -> None:
-    """Kills what a test started: the process and everything below it (the DirectRunner's workers)."""
+    """Kills what a test started: the process and everything below it (Beam's local worker processes)."""
     for p in [*descendants(pid), pid]:
         try:
             os.kill(p, signal.SIGKILL)

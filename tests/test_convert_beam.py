@@ -1,4 +1,5 @@
-"""Conversion on Apache Beam (DirectRunner, 2 worker processes) against the local converter.
+"""Conversion on Apache Beam (its local runner, FnApiRunner, in multi-process mode with 2 workers)
+against the local converter.
 
 Every kind gives the local converter's dataset byte for byte (shards, indexes, markers, state and
 manifest); a worker killed mid-run fails the run, and running it again completes the same dataset,
@@ -220,6 +221,16 @@ def test_inputs_and_outputs_in_a_bucket_on_beam_equal_local_ones(gcs_bucket, tmp
     assert len(images[0]) == 4 and images[0] == images[1]
 
 
+def test_options_come_from_beam_options_alone(monkeypatch):
+    """Worker processes here by default (no Prism download), a cluster's runner untouched, and
+    never this process's argv, which names the source."""
+    monkeypatch.setattr(sys, "argv", ["convert", "dicom", "/data/Doe_Jane", "--temp_location=/data/Doe_Jane"])
+    local = beam_convert.pipeline_options([], 3).get_all_options(drop_default=True)
+    assert local == {"runner": "FnApiRunner", "direct_num_workers": 3, "direct_running_mode": "multi_processing"}
+    dataflow = beam_convert.pipeline_options(["--runner=DataflowRunner", "--region=r"], 3)
+    assert dataflow.get_all_options(drop_default=True) == {"runner": "DataflowRunner", "region": "r"}
+
+
 def test_dataflow_is_refused_local_locations_before_submitting(tmp_path, capsys):
     root = _noise_folder(tmp_path / "folder", count=2, size=8)
     dataflow = "--beam-options=--runner=DataflowRunner --project=p --region=r --temp_location=gs://b/t"
@@ -300,7 +311,9 @@ def test_privacy_audit_on_beam(realdata, tmp_path):
 
     options = beam_convert.pipeline_options(flags.split(), 2)
     load_key = functools.partial(privacy.load_key, str(key_file))
-    graph = beam_convert.build(jobs, load_key, options).to_runner_api().SerializeToString()
+    pipeline = beam_convert.build(jobs, load_key, options)
+    graph = pipeline.to_runner_api().SerializeToString()
+    shutil.rmtree(pipeline.local_tempdir)  # Beam's own, empty: a pipeline that runs removes it
     pickles = unpacked_pickles(graph)
     assert any(b"data_pipelines.beam_convert" in p and str(key_file).encode() in p for p in pickles)  # seen into
     uploaded = [("job graph", graph), *((f"pickle {i} in the job graph", p) for i, p in enumerate(pickles)),
