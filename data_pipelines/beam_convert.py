@@ -60,7 +60,7 @@ def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
 
     Without a runner in the flags: the FnApiRunner, which the DirectRunner runs batch pipelines on.
     The DirectRunner itself first tries Prism, a binary it downloads at run time (here it cannot,
-    and falls back), which would run the workers as threads of this process instead."""
+    and falls back), which by default runs the workers inside this process instead."""
     flags = list(flags)
     runner = PipelineOptions(flags).view_as(StandardOptions).runner
     if runner is None:

@@ -73,6 +73,7 @@ def _key_file(tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_every_kind_of_real_data_equals_the_local_conversion(realdata, tmp_path, monkeypatch):
     """Folder, CSV (multi-label with patients; JPEG pass-through), MedMNIST (with and without its
     own splits), DICOM (a CT series; palette and RGB ultrasound) and NIfTI, in one pipeline."""
@@ -113,6 +114,7 @@ def test_every_kind_of_real_data_equals_the_local_conversion(realdata, tmp_path,
     assert done.counters["nih2"]["records written"] == 1000 and done.counters["nih2"]["inputs listed"] == 1000
 
 
+@pytest.mark.slow
 def test_cli_demo_on_beam_equals_the_local_demo(tmp_path):
     common = ["demo", "--images-per-modality", "24", "--size", "24", "--shard-size", "8", "--workers", "2"]
     assert cli.main([*common, "--out", str(tmp_path / "local")]) == 0
@@ -124,6 +126,7 @@ def test_cli_demo_on_beam_equals_the_local_demo(tmp_path):
     assert "beam counters: inputs listed 24, records written 24, shards written 4" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_the_run_and_a_rerun_gives_the_same_dataset(tmp_path):
     root = _noise_folder(tmp_path / "folder", count=480, size=96)
     key_file = _key_file(tmp_path)
@@ -154,6 +157,7 @@ def test_a_killed_worker_fails_the_run_and_a_rerun_gives_the_same_dataset(tmp_pa
     assert_same_dataset(tmp_path / "local" / "noise", out)
 
 
+@pytest.mark.slow
 def test_corrupt_inputs_stop_the_run_or_are_counted_and_skipped(tmp_path):
     root = _noise_folder(tmp_path / "folder", count=20, size=16, corrupt=2)
     key_file = _key_file(tmp_path)
@@ -174,6 +178,7 @@ def test_corrupt_inputs_stop_the_run_or_are_counted_and_skipped(tmp_path):
     assert_same_dataset(tmp_path / "local" / "f", tmp_path / "beam" / "f")
 
 
+@pytest.mark.slow
 def test_inputs_and_outputs_in_a_bucket_on_beam_equal_local_ones(gcs_bucket, tmp_path, monkeypatch):
     """Folder, CSV, MedMNIST, DICOM and NIfTI inputs read from gs:// and written to gs:// by the Beam
     workers give the local files (NIfTI ids hash the volume's path, so its pixels are compared)."""
@@ -277,6 +282,7 @@ def unpacked_pickles(graph: bytes) -> list[bytes]:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_privacy_audit_on_beam(realdata, tmp_path):
     """Nothing the Beam path writes, prints, logs or counts, nor its job graph, options or temp
     location, holds a DICOM tag value, a source file name or the key; a bad input among them too."""
