@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 # A venv of PYTHON with the pinned requirements and the project installed editable; a venv of an
 # older Python (made before the move to 3.12+) is made anew. $(1): the venv; $(2): extra pip args.
+# requirements-test.txt brings requirements-beam.txt: the tests run conversions on Apache Beam.
 define make_venv
 	@test -n "$(PYTHON)" || { bash launch/find_python.sh; exit 1; }
 	$(1)/bin/python -c 'import sys; assert sys.version_info >= (3, 12)' 2> /dev/null || { rm -rf $(1) && $(PYTHON) -m venv $(1); }
