@@ -17,6 +17,10 @@ recorded sizes (a local shard's sha256 is checked as well; a bucket shard's is n
 read the whole dataset back). manifest.json is written last, after every shard and index, and an
 overwrite deletes it first, so a reader never finds a manifest naming shards that are not there.
 
+`convert` runs these steps in one process and its pool; beam_convert.py runs the same pieces
+(plan_shards, begin, write_shard, write_marker, kept_shard, build_manifest) as a Beam pipeline,
+which writes the same files.
+
 Nothing written names a source: shards hold pixels, labels and HMAC ids; the state file holds the
 plan's digest, the markers and the summary shard statistics and the hashed ids of skipped items. Bad inputs stop the conversion
 with an error naming the item, or with `skip_bad` are skipped and counted per reason.
