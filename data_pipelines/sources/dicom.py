@@ -10,7 +10,9 @@
   dataset's channel count; its channels are then not windows.
 
 Only pixels leave the file. The item key is the SOP Instance UID (hashed into the image id; the
-file meta copy when the dataset's is blank, the path when both are);
+file meta copy when the dataset's is blank; when both are, or the file is unreadable, its path
+relative to the folder, so the folder typed as a relative or an absolute path, or copied to a
+bucket, gives the same ids);
 PatientID groups items into splits in memory; no tag value is written or logged, and errors name
 the item by its hashed id only. The folder may be local or a bucket prefix (gs://, s3://; storage.py).
 """
@@ -87,14 +89,15 @@ class DicomSource(Source):
 
     def item(self, unit: epath.Path) -> Item:
         """The item of one file, from its header (a read of the file: the costly part of listing)."""
+        relative = unit.relative_to(self.root).as_posix()
         try:
             with unit.open("rb") as f:
                 ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"])
             # Anonymised files may blank the SOP Instance UID but keep the file meta copy of it.
             uid = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
-            key, group = str(uid or unit), str(ds.get("PatientID") or "") or None
+            key, group = str(uid or relative), str(ds.get("PatientID") or "") or None
         except Exception:  # noqa: BLE001 - an unreadable file fails again, and is counted, at load
-            key, group = str(unit), None
+            key, group = relative, None
         return Item(key=key, group=group, ref=unit)
 
     def load(self, item: Item) -> Iterator[Frame]:
