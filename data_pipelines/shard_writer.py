@@ -18,7 +18,7 @@ read the whole dataset back). manifest.json is written last, after every shard a
 overwrite deletes it first, so a reader never finds a manifest naming shards that are not there.
 
 `convert` runs these steps in one process and its pool; beam_convert.py runs the same pieces
-(plan_shards, begin, write_shard, write_marker, kept_shard, build_manifest) as a Beam pipeline,
+(plan_shards, begin, write_shard, write_marker, kept_shard, read_markers, build_manifest) as a Beam pipeline,
 which writes the same files.
 
 Nothing written names a source: shards hold pixels, labels and HMAC ids; the state file holds the
@@ -193,8 +193,11 @@ def _load(source: Source, item: Item, item_id: str) -> list[Frame]:
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - anything else is a bug: name the item, keep the cause
-        detail = type(e).__name__ if source.private else f"{type(e).__name__}: {e}"
-        raise ConversionError(f"{describe(source, item, item_id)}: unexpected error ({detail})") from e
+        if source.private:
+            # Not chained: a runner's worker (Beam's) logs the whole traceback, and the cause's
+            # message may hold a path or a tag value of a private source.
+            raise ConversionError(f"{describe(source, item, item_id)}: unexpected error ({type(e).__name__})") from None
+        raise ConversionError(f"{describe(source, item, item_id)}: unexpected error ({type(e).__name__}: {e})") from e
     for frame in frames:
         pixels = frame.pixels
         if pixels.ndim != 3 or pixels.shape[2] != source.channels or pixels.dtype not in (np.uint8, np.uint16):
@@ -302,21 +305,20 @@ def begin(directory: epath.Path, fingerprint: str, overwrite: bool) -> dict[str,
 
 
 def completed(directory: epath.Path, found: dict[str, int]) -> dict[str, ShardResult]:
-    """The shards of `found` (begin's listing) that an earlier run of the plan completed."""
-    markers = [directory / name for name in found if _is_marker(name)]
-    with ThreadPoolExecutor(16) as pool:  # one request each on a bucket
-        results = list(pool.map(lambda m: _result_from_json(json.loads(storage.read_text(m))), markers))
-    return {r.name: r for r in results if _is_complete(directory, r, found)}
+    """The shards that an earlier run of the plan completed, by name: those of `found` (a listing
+    of the directory: begin's, or kept_shard's of one shard) with a marker whose shard and index
+    are there at the recorded sizes (and, locally, the recorded sha256)."""
+    prefix, suffix = _MARKER.split("{}")
+    names = [n.removeprefix(prefix).removesuffix(suffix) for n in found if n.startswith(prefix) and n.endswith(suffix)]
+    return {r.name: r for r in read_markers(directory, names) if _is_complete(directory, r, found)}
 
 
 def kept_shard(directory: epath.Path, name: str) -> ShardResult | None:
     """Shard `name` as an earlier run of the plan completed it, or None: `completed` for one shard,
-    asked by whoever writes it (a Beam worker) rather than by one process for all of them."""
-    if not storage.exists(directory / _MARKER.format(name)):
-        return None
-    result = read_marker(directory, name)
-    files = [n for n in (name, mf.index_name(name)) if storage.exists(directory / n)]
-    return result if _is_complete(directory, result, {n: storage.size(directory / n) for n in files}) else None
+    asked by whoever writes it (a Beam worker) of its own three files rather than of a listing."""
+    files = (_MARKER.format(name), name, mf.index_name(name))
+    found = {n: storage.size(directory / n) for n in files if storage.exists(directory / n)}
+    return completed(directory, found).get(name)
 
 
 def read_marker(directory: epath.Path, name: str) -> ShardResult:
@@ -324,14 +326,15 @@ def read_marker(directory: epath.Path, name: str) -> ShardResult:
     return _result_from_json(json.loads(storage.read_text(directory / _MARKER.format(name))))
 
 
+def read_markers(directory: epath.Path, names: list[str]) -> list[ShardResult]:
+    """read_marker of each name, in order, read in parallel (one request each on a bucket)."""
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda name: read_marker(directory, name), names))
+
+
 def write_marker(directory: epath.Path, result: ShardResult) -> None:
     """Records a shard as complete; written after the shard and its index (see module docstring)."""
     storage.write_text(directory / _MARKER.format(result.name), json.dumps(dataclasses.asdict(result)))
-
-
-def _is_marker(name: str) -> bool:
-    prefix, suffix = _MARKER.split("{}")
-    return name.startswith(prefix) and name.endswith(suffix)
 
 
 def _is_complete(directory: epath.Path, result: ShardResult, found: dict[str, int]) -> bool:
