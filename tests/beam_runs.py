@@ -8,6 +8,8 @@ they happen to sit in.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import pathlib
 import signal
@@ -24,18 +26,37 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_cli(args: list[str], cwd: pathlib.Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "data_pipelines.convert", *args], cwd=cwd, env=cli_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@dataclasses.dataclass
+class Cli:
+    """A CLI run in a process of its own, its stdout and stderr going to files (a pipe nobody reads
+    while waiting could fill and stall the run)."""
+
+    process: subprocess.Popen
+    stdout: pathlib.Path
+    stderr: pathlib.Path
+
+    def finish(self, timeout: float) -> subprocess.CompletedProcess:
+        """Waits for the run (then kills what is left of it) and gives its output."""
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            kill_tree(self.process.pid)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.stdout.read_text(),
+                                           self.stderr.read_text())
+
+
+def start_cli(args: list[str], cwd: pathlib.Path, **env: str) -> Cli:
+    """The CLI started in `cwd`, its output to files there (cli-N.stdout, cli-N.stderr)."""
+    number = next(i for i in itertools.count() if not (cwd / f"cli-{i}.stdout").exists())
+    stdout, stderr = cwd / f"cli-{number}.stdout", cwd / f"cli-{number}.stderr"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "data_pipelines.convert", *args], cwd=cwd,
+                                   env=cli_env(**env), stdout=out, stderr=err, text=True)
+    return Cli(process, stdout, stderr)
 
 
 def run_cli(args: list[str], cwd: pathlib.Path, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
-    process = start_cli(args, cwd, **env)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    finally:
-        kill_tree(process.pid)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return start_cli(args, cwd, **env).finish(timeout)
 
 
 def descendants(pid: int) -> list[int]:

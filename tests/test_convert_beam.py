@@ -135,15 +135,15 @@ def test_a_killed_worker_fails_the_run_and_a_rerun_gives_the_same_dataset(tmp_pa
     assert cli.main([*args, "--out", str(tmp_path / "local")]) == 0
     beam_args = [*args, "--out", str(tmp_path / "beam"), "--runner=beam"]
     out = tmp_path / "beam" / "noise"
-    process = start_cli(beam_args, cwd=tmp_path)
+    started = start_cli(beam_args, cwd=tmp_path)
     try:
         wait_for(lambda: any(p.name.startswith(".convert_done.") for p in out.glob(".*")), 120, "a first shard")
-        os.kill(beam_workers(process.pid)[0], signal.SIGKILL)
-        _, err = process.communicate(timeout=60)
+        os.kill(beam_workers(started.process.pid)[0], signal.SIGKILL)
+        killed = started.finish(timeout=60)
     finally:
-        kill_tree(process.pid)
-    assert process.returncode == 1
-    assert err.strip().splitlines()[-1].startswith("error: the Beam pipeline failed: ")
+        kill_tree(started.process.pid)
+    assert killed.returncode == 1
+    assert killed.stderr.strip().splitlines()[-1].startswith("error: the Beam pipeline failed: ")
     assert not (out / "manifest.json").exists()
     total = len(dataset_files(tmp_path / "local" / "noise")) // 3  # shard, index, marker each
     done_before = len(list(out.glob(".convert_done.*")))
