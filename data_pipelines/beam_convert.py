@@ -49,20 +49,51 @@ from data_pipelines.sources.base import Item, Source
 
 KeyLoader = Callable[[], bytes]  # how a worker gets the HMAC key: pickled into the graph, run at setup
 Job = tuple[Source, sw.ConvertOptions]
-# Runners of worker processes on this machine, which take --direct_num_workers.
-_LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner")
+# Runners of worker processes on this machine, which take --direct_num_workers (the DirectRunner
+# runs batch pipelines on the FnApiRunner).
+_LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "TestDirectRunner", "FnApiRunner")
+_DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 _NAMESPACE = "mermed/"  # + dataset: the namespace of a dataset's counters
+
+
+def runner_name(options: PipelineOptions) -> str | None:
+    """The runner's class name as Beam resolves --runner (create_runner: any case, "Runner" optional,
+    or a dotted path), e.g. DataflowRunner for dataflow; None when the options name none."""
+    runner = options.view_as(StandardOptions).runner
+    if runner is None:
+        return None
+    if not isinstance(runner, str):  # a runner object
+        return type(runner).__name__
+    known = {name.lower(): name for name in StandardOptions.KNOWN_RUNNER_NAMES}
+    lowered = runner.lower()
+    return known.get(lowered) or known.get(lowered + "runner") or runner.rsplit(".", 1)[-1]
+
+
+def unknown_flags(flags: Sequence[str]) -> list[str]:
+    """What of `flags` no Beam option takes (Beam itself only logs "Discarding unparseable args"
+    and runs without them), parsed as Beam parses them."""
+    unknown: list[str] = []
+    PipelineOptions(list(flags)).get_all_options(
+        retain_unknown_options=True,  # so Beam logs nothing of its own here
+        add_extra_args_fn=lambda parser: unknown.extend(parser.parse_known_args(list(flags))[1]))
+    return unknown
 
 
 def pipeline_options(flags: Sequence[str], workers: int) -> PipelineOptions:
     """Beam's options from --beam-options' flags only (never this process's argv, which names the
-    source); on this machine `workers` worker processes unless the flags say otherwise.
+    source); on this machine `workers` worker processes unless the flags say otherwise. A flag Beam
+    does not know (a typo Beam would drop) is refused, named.
 
     Without a runner in the flags: the FnApiRunner, which the DirectRunner runs batch pipelines on.
     The DirectRunner itself first tries Prism, a binary it downloads at run time (here it cannot,
     and falls back), which by default runs the workers inside this process instead."""
     flags = list(flags)
-    runner = PipelineOptions(flags).view_as(StandardOptions).runner
+    unknown = unknown_flags(flags)
+    if unknown:
+        raise sw.ConversionError(f"--beam-options: {' '.join(unknown)}: not a Beam pipeline option (Beam would "
+                                 "drop it and run without it); check its spelling in Beam's pipeline options")
+    options = PipelineOptions(flags)
+    runner = runner_name(options)
     if runner is None:
         flags = ["--runner=FnApiRunner", *flags]
     if runner is None or runner in _LOCAL_RUNNERS:
@@ -74,15 +105,18 @@ def check_locations(options: PipelineOptions, locations: Sequence[tuple[str, str
     """On Dataflow, whose workers share no disk with this machine, refuses a local input, output or
     key file, and a key left to $MERMED_ID_KEY (not in the workers' environment), naming the flag,
     before the job is submitted. `locations`: (flag, location or None when not given)."""
-    if options.view_as(StandardOptions).runner != "DataflowRunner":
+    if runner_name(options) not in _DATAFLOW_RUNNERS:
         return
-    for flag, location in locations:
-        if location is None and flag == "--id-key-file":
-            raise sw.ConversionError("on Dataflow the workers read the id key from --id-key-file: give a gs:// URL "
-                                     f"(${privacy.KEY_ENV} is not in their environment)")
-        if location is not None and not storage.is_remote(location):
-            raise sw.ConversionError(f"{flag} {location}: a local path, which Dataflow's workers cannot reach; "
-                                     "give a gs:// URL")
+    if ("--id-key-file", None) in locations:
+        raise sw.ConversionError("on Dataflow the workers read the id key from --id-key-file: give a gs:// URL "
+                                 f"(${privacy.KEY_ENV} is not in their environment)")
+    local = [f"{flag} {location}" for flag, location in locations
+             if location is not None and not storage.is_remote(location)]
+    if len(local) == 1:
+        raise sw.ConversionError(f"{local[0]}: a local path, which Dataflow's workers cannot reach; give a gs:// URL")
+    if local:
+        raise sw.ConversionError(f"{', '.join(local)}: local paths, which Dataflow's workers cannot reach; "
+                                 "give gs:// URLs")
 
 
 def _counter(dataset: str, name: str) -> Any:

@@ -39,6 +39,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from data_pipelines import privacy, storage
 from data_pipelines.modalities import MODALITIES
@@ -52,6 +53,9 @@ from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.nifti import NiftiSource
 from data_pipelines.sources.synthetic import demo_jobs, demo_key, write_demo_data
 from data_pipelines.splits import parse_fractions
+
+if TYPE_CHECKING:
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 
 def _common(parser: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:
@@ -165,6 +169,23 @@ def make_source(args: argparse.Namespace) -> Source:
     raise ValueError(f"no single source for kind {args.kind!r}")
 
 
+# Each kind's arguments naming what it reads: the places a cluster's workers must reach.
+INPUTS = {"folder": ("root",), "csv": ("csv", "--root"), "medmnist": ("npz",), "dicom": ("root",),
+          "nifti": ("root",), "demo": ()}
+
+
+def locations(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(argument, location or None when not given) of every input, the output and the key file."""
+    found: list[tuple[str, str | None]] = []
+    for argument in INPUTS[args.kind]:
+        value = getattr(args, argument.lstrip("-").replace("-", "_"))
+        found += [(argument, v) for v in value] if isinstance(value, list) else [(argument, value)]
+    found.append(("--out", args.out))
+    if args.kind != "demo":
+        found.append(("--id-key-file", args.id_key_file))
+    return found
+
+
 def _options(args: argparse.Namespace, dataset: str) -> ConvertOptions:
     return ConvertOptions(
         dataset=dataset, out_dir=args.out, shard_size=args.shard_size, workers=args.workers,
@@ -180,11 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote a new id key to {privacy.new_key_file(args.path)}")
         return 0
     try:
+        beam_options = _beam_options(args) if args.runner == "beam" else None
         if args.kind == "demo":
-            if args.runner == "beam":
+            if beam_options is not None:
                 jobs = demo_jobs(args.out, args.images_per_modality, args.size, args.seed,
                                  shard_size=args.shard_size, workers=args.workers)
-                _run_beam(jobs, functools.partial(demo_key, args.seed), args, [("--out", args.out)])
+                _run_beam(jobs, functools.partial(demo_key, args.seed), beam_options)
                 return 0
             for m in write_demo_data(args.out, args.images_per_modality, args.size, args.seed,
                                      shard_size=args.shard_size, workers=args.workers):
@@ -198,15 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = [(MedMnistSource(p), args.dataset or storage.path(p).name.removesuffix(".npz")) for p in args.npz]
         else:
             jobs = [(make_source(args), args.dataset)]
-        if args.runner == "beam":
+        if beam_options is not None:
             # Workers read the key themselves, from the same file (or their $MERMED_ID_KEY).
             key_file = args.id_key_file
             if key_file is not None and not storage.is_remote(key_file):
                 key_file = os.path.abspath(key_file)
-            inputs = args.npz if args.kind == "medmnist" else [args.csv if args.kind == "csv" else args.root]
-            locations = [("--out", args.out), ("--id-key-file", args.id_key_file), *(("input", i) for i in inputs)]
             _run_beam([(source, _options(args, dataset)) for source, dataset in jobs],
-                      functools.partial(privacy.load_key, key_file), args, locations)
+                      functools.partial(privacy.load_key, key_file), beam_options)
             return 0
         for source, dataset in jobs:
             print(convert(source, key, _options(args, dataset)).summary())
@@ -231,14 +251,19 @@ def _beam_module() -> ModuleType:
     return beam_convert
 
 
-def _run_beam(jobs: list[tuple[Source, ConvertOptions]], load_key: Callable[[], bytes], args: argparse.Namespace,
-              locations: list[tuple[str, str | None]]) -> None:
-    """Converts every job in one Beam pipeline; prints each dataset's summary and Beam counters.
-    `locations`: (flag, the location it names), which the runner's workers must reach."""
+def _beam_options(args: argparse.Namespace) -> PipelineOptions:
+    """Beam's options of a --runner=beam command, checked before anything is read: a flag Beam does
+    not know, or a location the runner's workers cannot reach, is refused by name."""
     beam_convert = _beam_module()
     options = beam_convert.pipeline_options(shlex.split(args.beam_options), args.workers)
-    beam_convert.check_locations(options, locations)
-    done = beam_convert.run(jobs, load_key, options)
+    beam_convert.check_locations(options, locations(args))
+    return options
+
+
+def _run_beam(jobs: list[tuple[Source, ConvertOptions]], load_key: Callable[[], bytes],
+              options: PipelineOptions) -> None:
+    """Converts every job in one Beam pipeline; prints each dataset's summary and Beam counters."""
+    done = _beam_module().run(jobs, load_key, options)
     for report in done.reports:
         counted = done.counters.get(report.manifest.dataset, {})
         print(report.summary())

@@ -16,6 +16,7 @@ import functools
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -24,6 +25,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from beam_runs import beam_workers, dataset_files, kill_tree, run_cli, start_cli, wait_for
 from test_convert_dicom import make_dicom
 from test_privacy_audit import GROUPS, identifying_strings
@@ -32,7 +34,7 @@ import data_pipelines
 from data_pipelines import convert as cli
 from data_pipelines import privacy, records, storage
 from data_pipelines.manifest import Window
-from data_pipelines.shard_writer import ConvertOptions, convert
+from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
 from data_pipelines.sources.csv_manifest import CsvSource
 from data_pipelines.sources.dicom import DicomSource
 from data_pipelines.sources.image_folder import ImageFolderSource
@@ -41,6 +43,7 @@ from data_pipelines.sources.nifti import NiftiSource
 
 beam_convert = pytest.importorskip("data_pipelines.beam_convert")
 
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 KEY = bytes(range(32))
 WINDOWS = (Window("abdomen", 40, 400), Window("lung", -600, 1500), Window("bone", 400, 1800))
 TWO_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -234,18 +237,56 @@ def test_options_come_from_beam_options_alone(monkeypatch):
     assert local == {"runner": "FnApiRunner", "direct_num_workers": 3, "direct_running_mode": "multi_processing"}
     dataflow = beam_convert.pipeline_options(["--runner=DataflowRunner", "--region=r"], 3)
     assert dataflow.get_all_options(drop_default=True) == {"runner": "DataflowRunner", "region": "r"}
+    # Runner names as Beam takes them (create_runner: any case, "Runner" optional, a dotted path).
+    for spelling in ("direct", "directrunner", "DIRECTRUNNER", "FnApi", "fnapirunner",
+                     "apache_beam.runners.direct.direct_runner.DirectRunner"):
+        options = beam_convert.pipeline_options([f"--runner={spelling}"], 3).get_all_options(drop_default=True)
+        assert options["direct_num_workers"] == 3 and options["runner"] == spelling
+    for spelling in DATAFLOW_SPELLINGS:
+        assert beam_convert.runner_name(PipelineOptions([f"--runner={spelling}"])) == "DataflowRunner"
 
 
-def test_dataflow_is_refused_local_locations_before_submitting(tmp_path, capsys):
+DATAFLOW_SPELLINGS = ("DataflowRunner", "dataflow", "DataFlow", "dataflowrunner",
+                      "apache_beam.runners.dataflow.dataflow_runner.DataflowRunner")
+
+
+@pytest.mark.parametrize("runner", DATAFLOW_SPELLINGS)
+def test_dataflow_is_refused_local_locations_before_submitting(tmp_path, capsys, monkeypatch, runner):
+    """Refused before anything is read (the gs:// inputs here exist nowhere), each local path named."""
+    monkeypatch.delenv(privacy.KEY_ENV, raising=False)
     root = _noise_folder(tmp_path / "folder", count=2, size=8)
-    dataflow = "--beam-options=--runner=DataflowRunner --project=p --region=r --temp_location=gs://b/t"
-    common = ["folder", str(root), "--modality", "derm", "--dataset", "f", "--runner=beam", dataflow]
+    dataflow = f"--beam-options=--runner={runner} --project=p --region=r --temp_location=gs://b/t"
+    common = ["--modality", "derm", "--dataset", "f", "--runner=beam", dataflow]
     key = str(_key_file(tmp_path))
-    assert cli.main([*common, "--out", "gs://b/out", "--id-key-file", key]) == 1
-    assert capsys.readouterr().err == (f"error: --id-key-file {key}: a local path, which Dataflow's workers cannot "
-                                       "reach; give a gs:// URL\n")
-    assert cli.main([*common, "--out", str(tmp_path / "out"), "--id-key-file", key]) == 1
-    assert f"error: --out {tmp_path / 'out'}: a local path" in capsys.readouterr().err
+    assert cli.main(["folder", str(root), *common, "--out", "gs://b/out", "--id-key-file", key]) == 1
+    assert capsys.readouterr().err == (f"error: root {root}, --id-key-file {key}: local paths, which Dataflow's "
+                                       "workers cannot reach; give gs:// URLs\n")
+    assert cli.main(["folder", "gs://b/in", *common, "--out", str(tmp_path / "out"), "--id-key-file", "gs://b/k"]) == 1
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'out'}: a local path, which Dataflow's workers "
+                                       "cannot reach; give a gs:// URL\n")
+    csv = ["csv", "gs://b/in.csv", *common, "--out", "gs://b/out", "--id-key-file", "gs://b/k"]
+    assert cli.main([*csv, "--root", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --root {tmp_path}: a local path")
+    assert cli.main(["dicom", "gs://b/in", *common, "--out", "gs://b/out"]) == 1
+    assert capsys.readouterr().err.startswith("error: on Dataflow the workers read the id key from --id-key-file")
+
+
+def test_a_beam_option_beam_does_not_know_is_refused_by_name(tmp_path, capsys):
+    """Beam itself drops what it cannot parse ("Discarding unparseable args") and runs without it."""
+    args = ["folder", "gs://b/in", "--modality", "derm", "--dataset", "f", "--out", "gs://b/out",
+            "--id-key-file", "gs://b/k", "--runner=beam"]
+    mistyped = "--beam-options=--runner=DataflowRunner --project=p --tmp_location=gs://b/t --region r"
+    assert cli.main([*args, mistyped]) == 1
+    assert capsys.readouterr().err == ("error: --beam-options: --tmp_location=gs://b/t: not a Beam pipeline option "
+                                       "(Beam would drop it and run without it); check its spelling in Beam's "
+                                       "pipeline options\n")
+    with pytest.raises(ConversionError, match=r"^--beam-options: --num_workrs 4 region=r: not a Beam"):
+        beam_convert.pipeline_options(["--num_workrs", "4", "region=r"], 1)
+    # Every --beam-options of docs/beam.md is Beam's (bash drops a backslash-newline inside quotes).
+    documented = re.findall(r'--beam-options="([^"]*)"', (REPOSITORY / "docs" / "beam.md").read_text())
+    assert len(documented) == 3
+    for flags in documented:
+        assert beam_convert.unknown_flags(shlex.split(flags.replace("\\\n", ""))) == []
 
 
 def test_without_beam_the_cli_says_how_to_install_it(tmp_path, capsys, monkeypatch):
