@@ -31,6 +31,7 @@ from test_convert_dicom import make_dicom
 from test_privacy_audit import GROUPS, identifying_strings
 
 import data_pipelines
+from data_pipelines import beam_convert
 from data_pipelines import convert as cli
 from data_pipelines import privacy, records, storage
 from data_pipelines.manifest import Window
@@ -41,7 +42,6 @@ from data_pipelines.sources.image_folder import ImageFolderSource
 from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.nifti import NiftiSource
 
-beam_convert = pytest.importorskip("data_pipelines.beam_convert")
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 KEY = bytes(range(32))
