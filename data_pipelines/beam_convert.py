@@ -17,22 +17,27 @@ So the files written are the local converter's, byte for byte; `convert.py`'s lo
 of one command give the same dataset, and either resumes the other's.
 
 Privacy on a cluster, where the runner uploads the job graph, the options and staged files: the
-graph holds configuration only (the source object as the command line made it, the options, and
-how to get the key: the key-file location or the demo seed), never the key, a listed input path,
-a DICOM value or an image id. Workers read the key in DoFn.setup (privacy.load_key: the key file,
-local or a bucket URL, else $MERMED_ID_KEY in the worker's environment). Listed paths, UIDs and
+graph holds no source location, listed input path, DICOM value, image id or key. Each branch's
+job (the source object, which holds the input locations, and the options) is pickled and
+encrypted (AES-256-GCM, `seal`) under a key derived from the id key, and the graph carries only
+that ciphertext and how to get the key (the key-file location, or the demo seed). Workers read
+the key in DoFn.setup (privacy.load_key: the key file, local or a bucket URL, else
+$MERMED_ID_KEY in the worker's environment) and decrypt their job there. Listed paths, UIDs and
 patient ids travel only as pipeline data, between workers, as the local converter passes them to
 its processes; nothing of this pipeline writes to the runner's temp or staging locations.
 Counters (Beam metrics) carry counts and skip reasons, never ids. Errors are the local
-converter's: a private source's name the item by its hashed id only.
+converter's: a private source's name the item by its hashed id only, without the chained cause.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import os
+import pickle
 import re
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
@@ -40,6 +45,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # a dependency of Beam itself
 
 from data_pipelines import manifest as mf
 from data_pipelines import privacy
@@ -54,6 +61,9 @@ Job = tuple[Source, sw.ConvertOptions]
 _LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "TestDirectRunner", "FnApiRunner")
 _DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 _NAMESPACE = "mermed/"  # + dataset: the namespace of a dataset's counters
+KEPT = "shards kept"  # the counter of shards an earlier run completed
+_SEAL_CONTEXT = b"mermed-jax beam job v1"  # derives the job's cipher key from the id key; its associated data
+_NONCE_BYTES = 12
 
 
 def runner_name(options: PipelineOptions) -> str | None:
@@ -119,31 +129,59 @@ def check_locations(options: PipelineOptions, locations: Sequence[tuple[str, str
                                  "give gs:// URLs")
 
 
+def _cipher(key: bytes) -> AESGCM:
+    return AESGCM(hmac.new(key, _SEAL_CONTEXT, hashlib.sha256).digest())
+
+
+def seal(job: Job, key: bytes) -> bytes:
+    """The job pickled and encrypted under a key derived from the id key: what the graph carries
+    instead of the source object, whose input locations may name patients."""
+    nonce = os.urandom(_NONCE_BYTES)
+    return nonce + _cipher(key).encrypt(nonce, pickle.dumps(job), _SEAL_CONTEXT)
+
+
+def unseal(sealed: bytes, key: bytes) -> Job:
+    """The job `seal` encrypted; a worker whose key is not the launcher's is refused."""
+    try:
+        plain = _cipher(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], _SEAL_CONTEXT)
+    except InvalidTag:
+        raise sw.ConversionError("the worker's id key is not the one the job was launched with (the job does not "
+                                 f"decrypt): give the workers the same --id-key-file or ${privacy.KEY_ENV}") from None
+    return pickle.loads(plain)
+
+
 def _counter(dataset: str, name: str) -> Any:
     return Metrics.counter(_NAMESPACE + dataset, name)
 
 
-def _units(_: None, source: Source) -> Iterator[tuple[int, Any]]:
-    yield from enumerate(source.units())
+class _Job(beam.DoFn):
+    """A step of one dataset's conversion: it holds the sealed job and how to get the key (both
+    pickled into the graph), and reads the key and opens the job on the worker, at setup."""
 
-
-def _item(indexed: tuple[int, Any], source: Source) -> tuple[int, Item]:
-    index, unit = indexed
-    return index, source.item(unit)
-
-
-class _Keyed(beam.DoFn):
-    """A step that needs the key: it holds how to get it (pickled into the graph) and reads it on
-    the worker, at setup, so the key itself is never pickled."""
-
-    def __init__(self, source: Source, options: sw.ConvertOptions, load_key: KeyLoader):
-        self._source, self._options, self._load_key = source, options, load_key
+    def __init__(self, sealed: bytes, load_key: KeyLoader):
+        self._sealed, self._load_key = sealed, load_key
 
     def setup(self) -> None:
         self._key = self._load_key()
+        self._source, self._options = unseal(self._sealed, self._key)
 
 
-class _Plan(_Keyed):
+class _List(_Job):
+    """The source's units, numbered in listing order (one worker: a folder walk, CSV rows, ...)."""
+
+    def process(self, _: None) -> Iterator[tuple[int, Any]]:
+        yield from enumerate(self._source.units())
+
+
+class _ItemOf(_Job):
+    """A numbered unit -> its numbered item (DICOM: its header read)."""
+
+    def process(self, indexed: tuple[int, Any]) -> Iterator[tuple[int, Item]]:
+        index, unit = indexed
+        yield index, self._source.item(unit)
+
+
+class _Plan(_Job):
     """The whole listing -> the plan's shard tasks with their positions, the output readied for them."""
 
     def process(self, listing: list[tuple[int, Item]]) -> Iterator[tuple[int, sw.ShardTask]]:
@@ -157,7 +195,7 @@ class _Plan(_Keyed):
         yield from enumerate(tasks)
 
 
-class _WriteShard(_Keyed):
+class _WriteShard(_Job):
     """One planned shard: kept when an earlier run completed it, else written, then marked complete."""
 
     def process(self, planned: tuple[int, sw.ShardTask]) -> Iterator[tuple[int, sw.ShardResult]]:
@@ -165,7 +203,7 @@ class _WriteShard(_Keyed):
         directory, dataset = self._options.directory, self._options.dataset
         result = sw.kept_shard(directory, task.name)
         if result is not None:
-            _counter(dataset, "shards kept").inc()
+            _counter(dataset, KEPT).inc()
         else:
             result = sw.write_shard(self._source, self._key, self._options, task)
             sw.write_marker(directory, result)
@@ -176,37 +214,45 @@ class _WriteShard(_Keyed):
         yield position, result
 
 
-def _write_manifest(results: list[tuple[int, sw.ShardResult]], source: Source, options: sw.ConvertOptions) -> None:
-    ordered = [result for _, result in sorted(results, key=lambda pair: pair[0])]
-    mf.save_manifest(sw.build_manifest(source, options, ordered), options.directory)
+class _WriteManifest(_Job):
+    """Every shard's result -> manifest.json, the results in plan order."""
+
+    def process(self, results: list[tuple[int, sw.ShardResult]]) -> Iterator[None]:
+        ordered = [result for _, result in sorted(results, key=lambda pair: pair[0])]
+        mf.save_manifest(sw.build_manifest(self._source, self._options, ordered), self._options.directory)
+        yield from ()
 
 
-def add_conversion(pipeline: beam.Pipeline, source: Source, options: sw.ConvertOptions, load_key: KeyLoader) -> None:
-    """The branch converting `source` into options.directory (see module docstring)."""
-    name = options.dataset
+def add_conversion(pipeline: beam.Pipeline, job: Job, key: bytes, load_key: KeyLoader) -> None:
+    """The branch converting a job's source into its options.directory (see module docstring);
+    `key` seals the job, which the workers open with the key `load_key` gives them."""
+    sealed = seal(job, key)
+    name = job[1].dataset
     listing = (
         pipeline
         | f"{name}: start" >> beam.Create([None])
-        | f"{name}: list" >> beam.FlatMap(_units, source)
+        | f"{name}: list" >> beam.ParDo(_List(sealed, load_key))
         | f"{name}: spread units" >> beam.Reshuffle()
-        | f"{name}: item of each unit" >> beam.Map(_item, source)
+        | f"{name}: item of each unit" >> beam.ParDo(_ItemOf(sealed, load_key))
         | f"{name}: gather listing" >> beam.combiners.ToList()
     )
     (
         listing
-        | f"{name}: plan" >> beam.ParDo(_Plan(source, options, load_key))
+        | f"{name}: plan" >> beam.ParDo(_Plan(sealed, load_key))
         | f"{name}: spread shards" >> beam.Reshuffle()
-        | f"{name}: write shards" >> beam.ParDo(_WriteShard(source, options, load_key))
+        | f"{name}: write shards" >> beam.ParDo(_WriteShard(sealed, load_key))
         | f"{name}: gather results" >> beam.combiners.ToList()
-        | f"{name}: write manifest" >> beam.Map(_write_manifest, source, options)
+        | f"{name}: write manifest" >> beam.ParDo(_WriteManifest(sealed, load_key))
     )
 
 
 def build(jobs: Sequence[Job], load_key: KeyLoader, options: PipelineOptions) -> beam.Pipeline:
-    """A pipeline converting every job, not yet run (its graph is what a runner uploads)."""
+    """A pipeline converting every job, not yet run (its graph is what a runner uploads). The key
+    is read here once, to seal the jobs."""
     pipeline = beam.Pipeline(options=options)
-    for source, job_options in jobs:
-        add_conversion(pipeline, source, job_options, load_key)
+    key = load_key()
+    for job in jobs:
+        add_conversion(pipeline, job, key, load_key)
     return pipeline
 
 
@@ -232,9 +278,7 @@ def _report(options: sw.ConvertOptions, kept: int) -> sw.ConversionReport:
     """The local converter's report of a finished dataset, read from what the pipeline wrote."""
     manifest = mf.load_manifest(options.directory)
     names = [shard.file for split in manifest.splits.values() for shard in split.shards]
-    with ThreadPoolExecutor(16) as pool:  # one request each on a bucket
-        results = list(pool.map(lambda name: sw.read_marker(options.directory, name), names))
-    return sw.report(manifest, results, kept)
+    return sw.report(manifest, sw.read_markers(options.directory, names), kept)
 
 
 def run(jobs: Sequence[Job], load_key: KeyLoader, options: PipelineOptions) -> BeamRun:
@@ -250,17 +294,21 @@ def run(jobs: Sequence[Job], load_key: KeyLoader, options: PipelineOptions) -> B
         raise sw.ConversionError(f"the Beam pipeline ended in state {state}")
     found = counters(result)
     return BeamRun(
-        reports=[_report(o, found.get(o.dataset, {}).get("shards kept", 0)) for _, o in jobs],
+        reports=[_report(o, found.get(o.dataset, {}).get(KEPT, 0)) for _, o in jobs],
         counters=found,
     )
 
 
 # The converter's message in a worker's traceback, less the step Beam appends to it.
-_CONVERSION_ERROR = re.compile(r"ConversionError: (.*?)(?: \[while running '[^']*'\])?$", re.MULTILINE)
+_STEP = r"(?: \[while running '[^']*'\])?$"
+_CONVERSION_ERROR = re.compile(r"ConversionError: (.*?)" + _STEP, re.MULTILINE)
 
 
 def reason(error: BaseException) -> str:
-    """The converter's own message inside a runner's error (its text carries the worker's traceback),
-    else the error's first line."""
+    """The converter's own message inside a runner's error (its text carries the worker's traceback;
+    a runner working in this process raises the worker's error itself, the step appended), else the
+    error's first line."""
+    if isinstance(error, sw.ConversionError):
+        return re.sub(_STEP, "", str(error).strip().splitlines()[0]).strip()
     found = _CONVERSION_ERROR.findall(str(error))
     return found[-1].strip() if found else storage.first_line(error)

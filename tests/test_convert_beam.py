@@ -13,13 +13,16 @@ from __future__ import annotations
 import base64
 import bz2
 import functools
+import logging
 import os
 import pathlib
+import pickle
 import re
 import shlex
 import shutil
 import signal
 import sys
+import traceback
 import zlib
 
 import nibabel as nib
@@ -41,7 +44,6 @@ from data_pipelines.sources.dicom import DicomSource
 from data_pipelines.sources.image_folder import ImageFolderSource
 from data_pipelines.sources.medmnist import MedMnistSource
 from data_pipelines.sources.nifti import NiftiSource
-
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 KEY = bytes(range(32))
@@ -289,6 +291,13 @@ def test_a_beam_option_beam_does_not_know_is_refused_by_name(tmp_path, capsys):
         assert beam_convert.unknown_flags(shlex.split(flags.replace("\\\n", ""))) == []
 
 
+def test_a_worker_without_the_launching_key_cannot_open_the_job():
+    sealed = beam_convert.seal((None, "options"), KEY)
+    assert beam_convert.unseal(sealed, KEY) == (None, "options")
+    with pytest.raises(ConversionError, match="the worker's id key is not the one the job was launched with"):
+        beam_convert.unseal(sealed, bytes(32))
+
+
 def test_without_beam_the_cli_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "data_pipelines.beam_convert")
@@ -322,47 +331,85 @@ def unpacked_pickles(graph: bytes) -> list[bytes]:
     return found
 
 
+class _BrokenDicom(DicomSource):
+    """A DICOM folder whose files fail to load as no source expects, the error naming the file."""
+
+    def load(self, item):
+        raise OSError(f"{item.ref}: input/output error")
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_privacy_audit_on_beam(realdata, tmp_path):
+def test_privacy_audit_on_beam(realdata, tmp_path, capfd, caplog, monkeypatch):
     """Nothing the Beam path writes, prints, logs or counts, nor its job graph, options or temp
-    location, holds a DICOM tag value, a source file name or the key; a bad input among them too."""
+    location, holds a DICOM tag value, a source location or file name, or the key: with a DICOM
+    folder and a CSV named after people, a bad input skipped and counted, and an unexpected error
+    on a worker."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.chdir(tmp_path)  # this process's workers import the installed package, not the repository
     sources, out, temp = tmp_path / "sources", tmp_path / "out", tmp_path / "beam_temp"
     temp.mkdir()
     key_file = tmp_path / "keys" / "id.key"
     key_file.parent.mkdir()
     assert cli.main(["new-key", str(key_file)]) == 0
     key = privacy.load_key(key_file)
-    secrets: set[str] = set()
-    flags = f"--temp_location={temp} --direct_num_workers=2 --direct_running_mode=multi_processing"
-    printed, jobs = [], []
-    no_pixels = sources / "ct" / "NOPIXELS_Doe_Jane.dcm"  # a bad input, skipped and counted
+    folders = {"ct": sources / "Doe_Jane", "us": sources / "us", "cxr": sources / "cxr"}
+    secrets = {"Doe_Jane", "Smith_John", "Mustermann_Max", "Roe_Richard"}
+    for modality, names in GROUPS.items():
+        folders[modality].mkdir(parents=True)
+        for name in names:
+            shutil.copy(realdata / "dicom_samples" / name, folders[modality] / name)
+            secrets |= identifying_strings(folders[modality] / name)
+    no_pixels = folders["ct"] / "NOPIXELS_Doe_Jane.dcm"  # a bad input, skipped and counted
     make_dicom(no_pixels, np.zeros((4, 4), np.int16), with_pixels=False)
     secrets |= identifying_strings(no_pixels)
-    for modality, names in GROUPS.items():
-        for name in names:
-            (sources / modality).mkdir(parents=True, exist_ok=True)
-            shutil.copy(realdata / "dicom_samples" / name, sources / modality / name)
-            secrets |= identifying_strings(sources / modality / name)
-        argv = ["dicom", str(sources / modality), "--modality", modality, "--dataset", f"dicom_{modality}",
-                "--out", str(out), "--id-key-file", str(key_file), "--splits", "train=1.0", "--no-progress",
-                "--skip-bad",
-                "--runner=beam", f"--beam-options={flags}", *(["--channels", "3"] if modality == "us" else [])]
-        done = run_cli(argv, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        printed += [done.stdout, done.stderr]
-        args = cli.build_parser().parse_args(argv)
-        jobs.append((cli.make_source(args), cli._options(args, args.dataset)))
-    assert len(secrets) > 50 and {"693_UNCR.dcm", "RG1_J2KI", "NOPIXELS_Doe_Jane", "PID-4711-SECRET"} <= secrets
+    # A CSV named after one person listing images named after another, under a folder named after a third.
+    csv_root = _noise_folder(sources / "Mustermann_Max", count=4, size=8)
+    for image in csv_root.rglob("*.png"):
+        image.rename(image.with_name(f"Roe_Richard_{image.name}"))
+    csv_file = sources / "Smith_John.csv"
+    csv_file.write_text("path,label\n" + "".join(f"{p.relative_to(csv_root)},{p.parent.name}\n"
+                                                for p in sorted(csv_root.rglob("*.png"))))
+    flags = f"--temp_location={temp} --direct_num_workers=2 --direct_running_mode=multi_processing"
+    common = ["--out", str(out), "--id-key-file", str(key_file), "--splits", "train=1.0", "--no-progress",
+              "--skip-bad", "--runner=beam", f"--beam-options={flags}"]
+    argvs = {modality: ["dicom", str(folders[modality]), "--modality", modality, "--dataset", f"dicom_{modality}",
+                        *common, *(["--channels", "3"] if modality == "us" else [])] for modality in GROUPS}
+    argvs["csv"] = ["csv", str(csv_file), "--root", str(csv_root), "--modality", "derm", "--dataset", "people", *common]
+    parsed = {name: cli.build_parser().parse_args(argv) for name, argv in argvs.items()}
+    jobs = {name: (cli.make_source(args), cli._options(args, args.dataset)) for name, args in parsed.items()}
+    load_key = functools.partial(privacy.load_key, str(key_file))
+
+    # The CT folder through the CLI in a process of its own; the rest in one pipeline run here by the
+    # CLI's own functions, its workers logging to this process's stderr.
+    done = run_cli(argvs["ct"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [done.stdout, done.stderr]
+    capfd.readouterr()
+    cli._run_beam([jobs[name] for name in ("us", "cxr", "csv")], load_key, cli._beam_options(parsed["csv"]))
+    printed += list(capfd.readouterr())
     assert "skipped: DICOM without pixel data 1" in printed[0] and "SDK Harness" in printed[1]  # workers' logs
+    assert "people: 4 records" in printed[2] and "SDK Harness" in printed[3]
+    # An unexpected error on a worker (here in this process, where the class above is): the
+    # message, the traceback the worker logs and the runner's error name the item by its id only.
+    broken = (_BrokenDicom(folders["ct"], modality="ct", windows=WINDOWS),
+              ConvertOptions(dataset="broken", out_dir=out, progress=False))
+    with pytest.raises(ConversionError, match=r"^the Beam pipeline failed: item [0-9a-f]+: unexpected error "
+                                              r"\(OSError\)$") as failed:
+        beam_convert.run([broken], load_key, beam_convert.pipeline_options(["--direct_running_mode=in_memory"], 1))
+    assert "Traceback" in caplog.text and "unexpected error (OSError)" in caplog.text  # the worker's log
+    printed += ["".join(traceback.format_exception(failed.value)), caplog.text, *capfd.readouterr()]
+    assert len(secrets) > 50 and {"693_UNCR.dcm", "RG1_J2KI", "NOPIXELS_Doe_Jane", "PID-4711-SECRET"} <= secrets
 
     options = beam_convert.pipeline_options(flags.split(), 2)
-    load_key = functools.partial(privacy.load_key, str(key_file))
-    pipeline = beam_convert.build(jobs, load_key, options)
+    every_job = [*jobs.values(), broken]
+    pipeline = beam_convert.build(every_job, load_key, options)
     graph = pipeline.to_runner_api().SerializeToString()
     shutil.rmtree(pipeline.local_tempdir)  # Beam's own, empty: a pipeline that runs removes it
     pickles = unpacked_pickles(graph)
     assert any(b"data_pipelines.beam_convert" in p and str(key_file).encode() in p for p in pickles)  # seen into
+    for name, secret in (("ct", "Doe_Jane"), ("csv", "Smith_John"), ("csv", "Mustermann_Max")):
+        assert secret.encode() in pickle.dumps(jobs[name])  # what the graph would hold unsealed
     uploaded = [("job graph", graph), *((f"pickle {i} in the job graph", p) for i, p in enumerate(pickles)),
                 ("options", repr(options.get_all_options(drop_default=True)).encode())]  # the rest are Beam's
     uploaded += [(str(p), p.read_bytes()) for p in sorted(temp.rglob("*")) if p.is_file()]
