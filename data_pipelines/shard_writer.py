@@ -316,9 +316,11 @@ def completed(directory: epath.Path, found: dict[str, int]) -> dict[str, ShardRe
 def kept_shard(directory: epath.Path, name: str) -> ShardResult | None:
     """Shard `name` as an earlier run of the plan completed it, or None: `completed` for one shard,
     asked by whoever writes it (a Beam worker) of its own three files rather than of a listing."""
-    files = (_MARKER.format(name), name, mf.index_name(name))
-    found = {n: storage.size(directory / n) for n in files if storage.exists(directory / n)}
-    return completed(directory, found).get(name)
+    marker = _MARKER.format(name)
+    if not storage.exists(directory / marker):  # one request for a shard not yet written
+        return None
+    found = {n: storage.size(directory / n) for n in (name, mf.index_name(name)) if storage.exists(directory / n)}
+    return completed(directory, {marker: 0, **found}).get(name)  # (a marker's size is not looked at)
 
 
 def read_marker(directory: epath.Path, name: str) -> ShardResult:

@@ -14,7 +14,7 @@ from data_pipelines import manifest as mf
 from data_pipelines import records
 from data_pipelines.modalities import MODALITIES, modality_id
 from data_pipelines.privacy import image_id
-from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
+from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert, kept_shard, read_marker
 from data_pipelines.sources.csv_manifest import CsvSource
 from data_pipelines.sources.image_folder import ImageFolderSource
 from data_pipelines.sources.synthetic import (
@@ -143,7 +143,11 @@ def test_a_damaged_completed_shard_is_rewritten_on_resume(tmp_path):
     source = SyntheticSource("us", count=10, size=16, seed=0)
     first = convert(source, KEY, _synthetic_options(tmp_path))
     victim = first.manifest.shard_paths("train")[0]
+    # What a Beam worker asks of the shard it would write: kept whole, not once damaged.
+    directory = _synthetic_options(tmp_path).directory
+    assert kept_shard(directory, victim.name) == read_marker(directory, victim.name)
     victim.write_bytes(victim.read_bytes()[:-3])
+    assert kept_shard(directory, victim.name) is None and kept_shard(directory, "no-such-shard") is None
     second = convert(source, KEY, _synthetic_options(tmp_path))
     assert second.reused_shards == first.total_shards - 1
     mf.verify_shards(second.manifest)
