@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 # A venv of PYTHON with the pinned requirements and the project installed editable; a venv of an
 # older Python (made before the move to 3.12+) is made anew. $(1): the venv; $(2): extra pip args.
+# requirements-test.txt brings requirements-beam.txt: the tests run conversions on Apache Beam.
 define make_venv
 	@test -n "$(PYTHON)" || { bash launch/find_python.sh; exit 1; }
 	$(1)/bin/python -c 'import sys; assert sys.version_info >= (3, 12)' 2> /dev/null || { rm -rf $(1) && $(PYTHON) -m venv $(1); }
@@ -29,7 +30,7 @@ define make_venv
 	touch $(1)/.installed
 endef
 
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(STAMP): requirements.txt requirements-beam.txt requirements-test.txt pyproject.toml
 	$(call make_venv,$(VENV),)
 
 # The main job end to end on built-in synthetic data: shards for all seven modalities,
@@ -78,7 +79,7 @@ INTEROP_STAMP := $(INTEROP_VENV)/.installed
 # Triton (torch's GPU compiler, pulled in by the CUDA build) is removed: its LLVM segfaults at import
 # once TensorFlow and OpenCV are loaded, as they are when pytest collects the suite; the CPU
 # tests never use it.
-$(INTEROP_STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(INTEROP_STAMP): requirements.txt requirements-beam.txt requirements-test.txt pyproject.toml
 	$(call make_venv,$(INTEROP_VENV),torch==2.14.1 torchvision==0.29.1 timm==1.0.31)
 	$(INTEROP_PY) -m pip uninstall --quiet --yes triton
 

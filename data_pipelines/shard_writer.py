@@ -17,6 +17,10 @@ recorded sizes (a local shard's sha256 is checked as well; a bucket shard's is n
 read the whole dataset back). manifest.json is written last, after every shard and index, and an
 overwrite deletes it first, so a reader never finds a manifest naming shards that are not there.
 
+`convert` runs these steps in one process and its pool; beam_convert.py runs the same pieces
+(plan_shards, begin, write_shard, write_marker, kept_shard, read_markers, build_manifest) as a Beam pipeline,
+which writes the same files.
+
 Nothing written names a source: shards hold pixels, labels and HMAC ids; the state file holds the
 plan's digest, the markers and the summary shard statistics and the hashed ids of skipped items. Bad inputs stop the conversion
 with an error naming the item, or with `skip_bad` are skipped and counted per reason.
@@ -141,7 +145,7 @@ def plan_shards(items: list[Item], options: ConvertOptions) -> list[ShardTask]:
     return tasks
 
 
-def _fingerprint(source: Source, tasks: list[ShardTask], key: bytes, options: ConvertOptions) -> str:
+def fingerprint(source: Source, tasks: list[ShardTask], key: bytes, options: ConvertOptions) -> str:
     """A digest of everything that decides the shards' contents; holds no source name (ids are HMACs)."""
     plan = {
         "dataset": options.dataset, "format": FORMAT, "modality": source.modality,
@@ -189,8 +193,11 @@ def _load(source: Source, item: Item, item_id: str) -> list[Frame]:
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - anything else is a bug: name the item, keep the cause
-        detail = type(e).__name__ if source.private else f"{type(e).__name__}: {e}"
-        raise ConversionError(f"{describe(source, item, item_id)}: unexpected error ({detail})") from e
+        if source.private:
+            # Not chained: a runner's worker (Beam's) logs the whole traceback, and the cause's
+            # message may hold a path or a tag value of a private source.
+            raise ConversionError(f"{describe(source, item, item_id)}: unexpected error ({type(e).__name__})") from None
+        raise ConversionError(f"{describe(source, item, item_id)}: unexpected error ({type(e).__name__}: {e})") from e
     for frame in frames:
         pixels = frame.pixels
         if pixels.ndim != 3 or pixels.shape[2] != source.channels or pixels.dtype not in (np.uint8, np.uint16):
@@ -273,33 +280,63 @@ def _run_task(task: ShardTask) -> ShardResult:
     return write_shard(*_WORKER, task)
 
 
-def _load_state(directory: epath.Path, fingerprint: str, overwrite: bool) -> dict[str, ShardResult]:
-    """Completed shards of an earlier run of the same plan; refuses to mix with a different one."""
+def begin(directory: epath.Path, fingerprint: str, overwrite: bool) -> dict[str, int]:
+    """Readies the output for a plan before any shard: refuses to mix with a different one (or, with
+    overwrite, deletes it, manifest first) and records the plan's fingerprint, so a run that fails
+    at once can resume. Returns {name: size} of the files an earlier run of this plan left."""
+    storage.check_bucket(directory, writable=True)  # a missing bucket or permission, named before any work
     found = storage.list_sizes(directory)
     if overwrite:
         # The manifest first: a reader must never find one naming deleted shards.
         for name in sorted(found, key=lambda n: n != mf.MANIFEST_NAME):
             storage.remove(directory / name)
-        return {}
-    if STATE_NAME not in found:
+        found = {}
+    elif STATE_NAME not in found:
         if found:
             raise ConversionError(f"{directory} holds files from another conversion; pass overwrite to replace them")
-        return {}
-    state = json.loads(storage.read_text(directory / STATE_NAME))
-    if state.get("fingerprint") != fingerprint:
+    elif json.loads(storage.read_text(directory / STATE_NAME)).get("fingerprint") != fingerprint:
         raise ConversionError(
             f"{directory} holds a conversion with a different plan (source, options or key); "
             "pass overwrite to replace it"
         )
-    markers = [directory / name for name in found if _is_marker(name)]
-    with ThreadPoolExecutor(16) as pool:  # one request each on a bucket
-        results = list(pool.map(lambda m: _result_from_json(json.loads(storage.read_text(m))), markers))
-    return {r.name: r for r in results if _is_complete(directory, r, found)}
+    storage.makedirs(directory)
+    storage.write_text(directory / STATE_NAME, json.dumps({"fingerprint": fingerprint}))
+    return found
 
 
-def _is_marker(name: str) -> bool:
+def completed(directory: epath.Path, found: dict[str, int]) -> dict[str, ShardResult]:
+    """The shards that an earlier run of the plan completed, by name: those of `found` (a listing
+    of the directory: begin's, or kept_shard's of one shard) with a marker whose shard and index
+    are there at the recorded sizes (and, locally, the recorded sha256)."""
     prefix, suffix = _MARKER.split("{}")
-    return name.startswith(prefix) and name.endswith(suffix)
+    names = [n.removeprefix(prefix).removesuffix(suffix) for n in found if n.startswith(prefix) and n.endswith(suffix)]
+    return {r.name: r for r in read_markers(directory, names) if _is_complete(directory, r, found)}
+
+
+def kept_shard(directory: epath.Path, name: str) -> ShardResult | None:
+    """Shard `name` as an earlier run of the plan completed it, or None: `completed` for one shard,
+    asked by whoever writes it (a Beam worker) of its own three files rather than of a listing."""
+    marker = _MARKER.format(name)
+    if not storage.exists(directory / marker):  # one request for a shard not yet written
+        return None
+    found = {n: storage.size(directory / n) for n in (name, mf.index_name(name)) if storage.exists(directory / n)}
+    return completed(directory, {marker: 0, **found}).get(name)  # (a marker's size is not looked at)
+
+
+def read_marker(directory: epath.Path, name: str) -> ShardResult:
+    """The recorded result of shard `name` (its marker must exist)."""
+    return _result_from_json(json.loads(storage.read_text(directory / _MARKER.format(name))))
+
+
+def read_markers(directory: epath.Path, names: list[str]) -> list[ShardResult]:
+    """read_marker of each name, in order, read in parallel (one request each on a bucket)."""
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda name: read_marker(directory, name), names))
+
+
+def write_marker(directory: epath.Path, result: ShardResult) -> None:
+    """Records a shard as complete; written after the shard and its index (see module docstring)."""
+    storage.write_text(directory / _MARKER.format(result.name), json.dumps(dataclasses.asdict(result)))
 
 
 def _is_complete(directory: epath.Path, result: ShardResult, found: dict[str, int]) -> bool:
@@ -318,30 +355,44 @@ def _result_from_json(data: dict) -> ShardResult:
     return ShardResult(**fields)
 
 
-def _build_manifest(source: Source, options: ConvertOptions, tasks: list[ShardTask],
-                    done: dict[str, ShardResult]) -> mf.Manifest:
+def build_manifest(source: Source, options: ConvertOptions, results: list[ShardResult]) -> mf.Manifest:
+    """The manifest of every shard's result, in plan order: each split's statistics are summed in
+    that order, so any way of writing the shards gives the same floating-point sums."""
     splits = {}
-    for split in sorted({t.split for t in tasks}):
-        results = [done[t.name] for t in tasks if t.split == split]
-        n = sum(r.num_records for r in results)
-        sum_mean = np.sum([r.sum_mean for r in results], axis=0)
-        sum_sq = np.sum([r.sum_sq for r in results], axis=0)
+    for split in sorted({r.split for r in results}):
+        members = [r for r in results if r.split == split]
+        n = sum(r.num_records for r in members)
+        sum_mean = np.sum([r.sum_mean for r in members], axis=0)
+        sum_sq = np.sum([r.sum_sq for r in members], axis=0)
         mean = sum_mean / max(n, 1)
         std = np.sqrt(np.maximum(sum_sq / max(n, 1) - mean**2, 0.0))
         splits[split] = mf.Split(
             shards=tuple(mf.Shard(r.name, r.num_records, r.sha256, mf.index_name(r.name), r.num_bytes)
-                         for r in results),
+                         for r in members),
             num_records=n,
-            class_counts=tuple(int(c) for c in np.sum([r.class_counts for r in results], axis=0).reshape(-1)),
+            class_counts=tuple(int(c) for c in np.sum([r.class_counts for r in members], axis=0).reshape(-1)),
             mean=tuple(mean.tolist()),
             std=tuple(std.tolist()),
         )
     return mf.Manifest(
         dataset=options.dataset, modality=source.modality, format=FORMAT,
         label_names=tuple(source.label_names), multi_label=source.multi_label,
-        pixel_depth=max(r.pixel_depth for r in done.values()), channels=source.channels,
+        pixel_depth=max(r.pixel_depth for r in results), channels=source.channels,
         feature_spec=records.FEATURE_SPEC, splits=splits, windows=source.windows,
         directory=options.directory if storage.is_remote(options.directory) else options.directory.resolve(),
+    )
+
+
+def report(manifest: mf.Manifest, results: list[ShardResult], reused: int) -> ConversionReport:
+    """What a conversion did, from its manifest and every shard's result in plan order."""
+    skipped = [s for r in results for s in r.skipped]
+    return ConversionReport(
+        manifest=manifest,
+        written={split: manifest.splits[split].num_records for split in manifest.splits},
+        skipped=dict(Counter(reason for reason, _ in skipped)),
+        skipped_ids=tuple(item_id for _, item_id in skipped),
+        reused_shards=reused,
+        total_shards=len(results),
     )
 
 
@@ -353,13 +404,8 @@ def convert(source: Source, key: bytes, options: ConvertOptions,
     if not items:
         raise ConversionError(f"{source.__class__.__name__}: no inputs found")
     tasks = plan_shards(items, options)
-    fingerprint = _fingerprint(source, tasks, key, options)
     directory = options.directory
-    storage.check_bucket(directory, writable=True)  # a missing bucket or permission, named before any work
-    done = _load_state(directory, fingerprint, options.overwrite)
-    storage.makedirs(directory)
-    # Before any shard, so a run that fails at once can resume.
-    storage.write_text(directory / STATE_NAME, json.dumps({"fingerprint": fingerprint}))
+    done = completed(directory, begin(directory, fingerprint(source, tasks, key, options), options.overwrite))
     reused = len(done)
     todo = [t for t in tasks if t.name not in done]
     bar = tqdm(total=len(items), unit="item", desc=options.dataset, disable=not options.progress, file=sys.stderr)
@@ -367,7 +413,7 @@ def convert(source: Source, key: bytes, options: ConvertOptions,
 
     def finish(result: ShardResult) -> None:
         done[result.name] = result
-        storage.write_text(directory / _MARKER.format(result.name), json.dumps(dataclasses.asdict(result)))
+        write_marker(directory, result)
         bar.update(len(next(t for t in tasks if t.name == result.name).items))
         if on_shard is not None:
             on_shard(result)
@@ -391,14 +437,7 @@ def convert(source: Source, key: bytes, options: ConvertOptions,
                     raise
     finally:
         bar.close()
-    manifest = _build_manifest(source, options, tasks, done)
+    results = [done[t.name] for t in tasks]
+    manifest = build_manifest(source, options, results)
     mf.save_manifest(manifest, directory)
-    skipped = [s for t in tasks for s in done[t.name].skipped]
-    return ConversionReport(
-        manifest=manifest,
-        written={split: manifest.splits[split].num_records for split in manifest.splits},
-        skipped=dict(Counter(reason for reason, _ in skipped)),
-        skipped_ids=tuple(item_id for _, item_id in skipped),
-        reused_shards=reused,
-        total_shards=len(tasks),
-    )
+    return report(manifest, results, reused)

@@ -22,13 +22,16 @@ with backoff a bounded number of times; the error that gives up names the object
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pathlib
 import random
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 os.environ["EPATH_USE_TF"] = "false"  # before epath's first bucket path (it caches the choice)
@@ -342,6 +345,32 @@ def list_sizes(location: str | os.PathLike) -> dict[str, int]:
 
     return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e["size"])
             for e in retrying(listing, text, "listing") if e["type"] == "file"}
+
+
+def files_under(location: str | os.PathLike) -> list[epath.Path]:
+    """Every file below a folder or bucket prefix, at any depth, sorted as paths sort (component by
+    component). A bucket is listed recursively in one paged listing, not asked about each object."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        return sorted(path(p) for p in pathlib.Path(text).rglob("*") if p.is_file())
+    fs, inner = filesystem(text)
+    scheme = text.split("://", 1)[0]
+    return sorted(path(f"{scheme}://{name}") for name in retrying(lambda: fs.find(inner), text, "listing"))
+
+
+@contextlib.contextmanager
+def local_file(location: str | os.PathLike) -> Iterator[str]:
+    """A local path holding the file, for libraries that open only local files (nibabel): the file
+    itself, or a temporary copy of a bucket object, deleted afterwards."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        yield text
+        return
+    with tempfile.TemporaryDirectory(prefix="mermed-input-") as folder:
+        copy = os.path.join(folder, path(text).name)
+        fs, inner = filesystem(text)
+        retrying(lambda: fs.get_file(inner, copy), text, "downloading")
+        yield copy
 
 
 def upload(local_file: str | os.PathLike, location: str | os.PathLike) -> None:

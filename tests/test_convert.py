@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import pathlib
+import traceback
 
 import cv2
 import numpy as np
@@ -13,7 +14,7 @@ from data_pipelines import manifest as mf
 from data_pipelines import records
 from data_pipelines.modalities import MODALITIES, modality_id
 from data_pipelines.privacy import image_id
-from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert
+from data_pipelines.shard_writer import ConversionError, ConvertOptions, convert, kept_shard, read_marker
 from data_pipelines.sources.csv_manifest import CsvSource
 from data_pipelines.sources.image_folder import ImageFolderSource
 from data_pipelines.sources.synthetic import (
@@ -142,7 +143,11 @@ def test_a_damaged_completed_shard_is_rewritten_on_resume(tmp_path):
     source = SyntheticSource("us", count=10, size=16, seed=0)
     first = convert(source, KEY, _synthetic_options(tmp_path))
     victim = first.manifest.shard_paths("train")[0]
+    # What a Beam worker asks of the shard it would write: kept whole, not once damaged.
+    directory = _synthetic_options(tmp_path).directory
+    assert kept_shard(directory, victim.name) == read_marker(directory, victim.name)
     victim.write_bytes(victim.read_bytes()[:-3])
+    assert kept_shard(directory, victim.name) is None and kept_shard(directory, "no-such-shard") is None
     second = convert(source, KEY, _synthetic_options(tmp_path))
     assert second.reused_shards == first.total_shards - 1
     mf.verify_shards(second.manifest)
@@ -245,6 +250,28 @@ def test_bad_image_stops_with_its_name_or_is_skipped_and_counted(tmp_path):
     assert set(report.skipped_ids) == {image_id(KEY, "train/benign/img1.png"), image_id(KEY, "train/benign/junk.png")}
     assert sum(report.written.values()) == 11
     assert "2 x undecodable image" in report.summary()
+
+
+class _Unexpected(SyntheticSource):
+    """A source whose loading fails as no source expects, the error's message naming a file."""
+
+    def __init__(self, private: bool):
+        super().__init__("ct", count=4, size=8, seed=0)
+        self.private = private
+
+    def load(self, item):
+        raise RuntimeError("cannot read /data/Doe_Jane/1.dcm")
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_an_unexpected_error_keeps_its_cause_unless_the_source_is_private(tmp_path, private):
+    """A runner's worker (Beam's) logs a failure's whole traceback, chained causes included; a
+    private (DICOM/NIfTI) source's cause may name a patient, so it is left out of the chain."""
+    with pytest.raises(ConversionError, match=r"unexpected error \(RuntimeError") as e:
+        convert(_Unexpected(private), KEY, _synthetic_options(tmp_path))
+    shown = "".join(traceback.format_exception(e.value))
+    assert ("Doe_Jane" in shown) is not private
+    assert (e.value.__cause__ is None) is private
 
 
 def test_cli_folder_conversion_and_key_checks(tmp_path, capsys):

@@ -176,3 +176,29 @@ def test_no_tag_value_or_file_name_in_anything_written(tmp_path, capsys):
             assert not any(n in data for n in needles), f"{secret!r} leaked into {path.name}"
         assert not any(n in logs for n in needles), f"{secret!r} leaked into the CLI output"
     assert b"skipped 1 inputs" in logs and b"DICOM without pixel data" in logs
+
+
+def test_a_relative_and_an_absolute_folder_give_the_same_dataset(tmp_path, monkeypatch):
+    """A file without UIDs (blanked ones, or an unreadable file) is keyed by its path relative to
+    the folder, so the ids, splits and skipped ids do not depend on how the folder was typed."""
+    import pydicom
+
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        make_dicom(tmp_path / "in" / "series" / f"slice{i}", rng.integers(-1000, 2000, (8, 8), dtype=np.int16))
+    blank = tmp_path / "in" / "series" / "blank"
+    make_dicom(blank, rng.integers(-1000, 2000, (8, 8), dtype=np.int16))
+    ds = pydicom.dcmread(blank)
+    ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID = "", ""
+    ds.save_as(blank)
+    (tmp_path / "in" / "series" / "garbage.dcm").write_bytes(b"\x00" * 300)
+    monkeypatch.chdir(tmp_path)
+    reports = {}
+    for root, out in (("in", "relative"), (tmp_path / "in", "absolute"), ("./in/series/..", "dotted")):
+        source = DicomSource(root, modality="ct", windows=WINDOWS)
+        reports[out] = convert(source, KEY, ConvertOptions(dataset="d", out_dir=tmp_path / out, progress=False,
+                                                           skip_bad=True, shard_size=2))
+    assert reports["relative"].skipped_ids == (image_id(KEY, "series/garbage.dcm"),)
+    assert image_id(KEY, "series/blank") in examples(reports["relative"].manifest)
+    files = {out: {p.name: p.read_bytes() for p in (tmp_path / out / "d").iterdir()} for out in reports}
+    assert files["relative"] == files["absolute"] == files["dotted"]

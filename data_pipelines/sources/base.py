@@ -70,6 +70,17 @@ class Source(abc.ABC):
     def items(self) -> list[Item]:
         """All items, in a deterministic order."""
 
+    def units(self) -> list[Any]:
+        """What a distributed listing enumerates in one place, in items()' order, before workers turn
+        each into its item with `item`. By default the items themselves, for sources whose listing
+        reads no input file; a source that reads each input to list it (DICOM headers) lists paths
+        here, so the reads are spread."""
+        return self.items()
+
+    def item(self, unit: Any) -> Item:
+        """The item of one of `units()` (see there)."""
+        return unit
+
     @abc.abstractmethod
     def load(self, item: Item) -> Iterator[Frame]:
         """The frames of one item; raises SourceError for input that cannot become an image."""

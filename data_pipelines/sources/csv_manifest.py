@@ -2,15 +2,18 @@
 
 Multi-label rows list several labels in one cell ("Effusion|Mass"); a `none_value` such as
 "No Finding" means no label. Paths are relative to `root`, optionally through a format string
-("images/{}.jpg") for CSVs that hold bare image names.
+("images/{}.jpg") for CSVs that hold bare image names. The CSV and the images may be local or in a
+bucket (gs://, s3://; see storage.py).
 """
 
 from __future__ import annotations
 
 import csv
-import pathlib
+import io
+import os
 from collections.abc import Iterator, Sequence
 
+from data_pipelines import storage
 from data_pipelines.sources.base import (
     DEFAULT_CHANNELS,
     SPLIT_ALIASES,
@@ -24,10 +27,10 @@ from data_pipelines.sources.image_files import load_image_file
 class CsvSource(Source):
     def __init__(
         self,
-        csv_path: str | pathlib.Path,
+        csv_path: str | os.PathLike,
         *,
         modality: str,
-        root: str | pathlib.Path | None = None,
+        root: str | os.PathLike | None = None,
         path_column: str = "path",
         path_format: str = "{}",
         label_column: str = "label",
@@ -39,8 +42,8 @@ class CsvSource(Source):
         patient_column: str | None = None,
         channels: int | None = None,
     ):
-        self.csv_path = pathlib.Path(csv_path)
-        self.root = pathlib.Path(root) if root is not None else self.csv_path.parent
+        self.csv_path = storage.path(csv_path)
+        self.root = storage.path(root) if root is not None else self.csv_path.parent
         self.modality = modality
         self.channels = channels or DEFAULT_CHANNELS[modality]
         self.multi_label = multi_label
@@ -59,7 +62,7 @@ class CsvSource(Source):
                 raise ValueError(f"{self.csv_path}: labels {unknown} not in the given label names")
 
     def _rows(self) -> list[dict[str, str]]:
-        with open(self.csv_path, newline="") as f:
+        with io.StringIO(storage.read_text(self.csv_path), newline="") as f:
             reader = csv.DictReader(f)
             wanted = [c for c in self._columns.values() if c is not None]
             missing = [c for c in wanted if c not in (reader.fieldnames or [])]

@@ -10,20 +10,24 @@
   dataset's channel count; its channels are then not windows.
 
 Only pixels leave the file. The item key is the SOP Instance UID (hashed into the image id; the
-file meta copy when the dataset's is blank, the path when both are);
+file meta copy when the dataset's is blank; when both are, or the file is unreadable, its path
+relative to the folder, so the folder typed as a relative or an absolute path, or copied to a
+bucket, gives the same ids);
 PatientID groups items into splits in memory; no tag value is written or logged, and errors name
-the item by its hashed id only.
+the item by its hashed id only. The folder may be local or a bucket prefix (gs://, s3://; storage.py).
 """
 
 from __future__ import annotations
 
-import pathlib
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import pydicom
+from etils import epath
 from pydicom.pixels import apply_color_lut
 
+from data_pipelines import storage
 from data_pipelines.manifest import Window
 from data_pipelines.sources.base import (
     DEFAULT_CHANNELS,
@@ -36,10 +40,10 @@ from data_pipelines.sources.base import (
 from data_pipelines.sources.ct import apply_windows, check_windows
 
 
-def list_files(root: pathlib.Path) -> list[pathlib.Path]:
+def list_files(root: epath.Path) -> list[epath.Path]:
     """Every regular file under root except obvious sidecars and DICOMDIR indexes (DICOM often has no suffix)."""
     skip = {".txt", ".json", ".csv", ".md", ".nii", ".gz", ".png", ".jpg", ".jpeg"}
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in skip and p.name != "DICOMDIR")
+    return [p for p in storage.files_under(root) if p.suffix.lower() not in skip and p.name != "DICOMDIR"]
 
 
 def _grey(ds: pydicom.Dataset, frame: np.ndarray) -> np.ndarray:
@@ -58,14 +62,14 @@ class DicomSource(Source):
 
     def __init__(
         self,
-        root: str | pathlib.Path,
+        root: str | os.PathLike,
         *,
         modality: str,
         windows: tuple[Window, ...],
         channels: int | None = None,
         frame_stride: int = 1,
     ):
-        self.root = pathlib.Path(root)
+        self.root = storage.path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: not a directory")
         self.modality = modality
@@ -78,21 +82,28 @@ class DicomSource(Source):
         self.channels = len(windows) if modality == "ct" else (channels or DEFAULT_CHANNELS[modality])
 
     def items(self) -> list[Item]:
-        items = []
-        for path in list_files(self.root):
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"])
-                # Anonymised files may blank the SOP Instance UID but keep the file meta copy of it.
-                uid = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
-                key, group = str(uid or path), str(ds.get("PatientID") or "") or None
-            except Exception:  # noqa: BLE001 - an unreadable file fails again, and is counted, at load
-                key, group = str(path), None
-            items.append(Item(key=key, group=group, ref=path))
-        return items
+        return [self.item(path) for path in self.units()]
+
+    def units(self) -> list[epath.Path]:
+        return list_files(self.root)
+
+    def item(self, unit: epath.Path) -> Item:
+        """The item of one file, from its header (a read of the file: the costly part of listing)."""
+        relative = unit.relative_to(self.root).as_posix()
+        try:
+            with unit.open("rb") as f:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"])
+            # Anonymised files may blank the SOP Instance UID but keep the file meta copy of it.
+            uid = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+            key, group = str(uid or relative), str(ds.get("PatientID") or "") or None
+        except Exception:  # noqa: BLE001 - an unreadable file fails again, and is counted, at load
+            key, group = relative, None
+        return Item(key=key, group=group, ref=unit)
 
     def load(self, item: Item) -> Iterator[Frame]:
         try:
-            ds = pydicom.dcmread(item.ref)
+            with item.ref.open("rb") as f:
+                ds = pydicom.dcmread(f)
         except Exception as e:  # noqa: BLE001 - pydicom raises many types for non-DICOM input
             raise SourceError("not a readable DICOM file", type(e).__name__) from None
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):

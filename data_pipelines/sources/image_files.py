@@ -7,11 +7,11 @@ generation loss; anything else (palette, alpha, other formats, channel changes) 
 
 from __future__ import annotations
 
-import pathlib
+import os
 
 import numpy as np
 
-from data_pipelines import records
+from data_pipelines import records, storage
 from data_pipelines.sources.base import Frame, SourceError, to_channels
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -41,9 +41,10 @@ def decode_file_bytes(encoded: bytes, channels: int) -> Frame:
     return Frame(pixels=to_channels(pixels, channels))
 
 
-def load_image_file(path: pathlib.Path, channels: int) -> Frame:
+def load_image_file(path: str | os.PathLike, channels: int) -> Frame:
+    """The frame of an image file, local or a bucket object."""
     try:
-        encoded = path.read_bytes()
+        encoded = storage.read_bytes(path)
     except OSError as e:
         raise SourceError("unreadable file", type(e).__name__) from None
     return decode_file_bytes(encoded, channels)

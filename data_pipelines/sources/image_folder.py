@@ -1,10 +1,16 @@
-"""Image folders, a class per folder: ROOT/<class>/* or, with splits, ROOT/<split>/<class>/*."""
+"""Image folders, a class per folder: ROOT/<class>/* or, with splits, ROOT/<split>/<class>/*.
+
+ROOT is a local folder or a bucket prefix (gs://, s3://; see storage.py); an image's key is its path
+relative to ROOT, so a copy of a folder in a bucket gives the same image ids as the folder."""
 
 from __future__ import annotations
 
-import pathlib
+import os
 from collections.abc import Iterator
 
+from etils import epath
+
+from data_pipelines import storage
 from data_pipelines.sources.base import (
     DEFAULT_CHANNELS,
     SPLIT_ALIASES,
@@ -15,15 +21,15 @@ from data_pipelines.sources.base import (
 from data_pipelines.sources.image_files import IMAGE_EXTENSIONS, load_image_file
 
 
-def _images_under(folder: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _images_under(folder: epath.Path) -> list[epath.Path]:
+    return [p for p in storage.files_under(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 class ImageFolderSource(Source):
     """Single-label images named by their folder. Top folders named train/val(id)/test are splits."""
 
-    def __init__(self, root: str | pathlib.Path, *, modality: str, channels: int | None = None):
-        self.root = pathlib.Path(root)
+    def __init__(self, root: str | os.PathLike, *, modality: str, channels: int | None = None):
+        self.root = storage.path(root)
         self.modality = modality
         self.channels = channels or DEFAULT_CHANNELS[modality]
         if not self.root.is_dir():

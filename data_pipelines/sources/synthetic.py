@@ -145,6 +145,24 @@ def demo_key(seed: int) -> bytes:
     return hashlib.sha256(f"mermed-demo-{seed}".encode()).digest()
 
 
+def demo_jobs(
+    out_dir: str | pathlib.Path,  # or a bucket URL
+    images_per_modality: int = 256,
+    size: int = 64,
+    seed: int = 0,
+    *,
+    shard_size: int = 32,
+    workers: int = 1,
+    progress: bool = False,
+) -> list[tuple[SyntheticSource, ConvertOptions]]:
+    """The demo's conversions, OUT/demo_<modality>/ for all seven modalities (train/val/test), each
+    keyed by demo_key(seed): what the local and the Beam converter are given."""
+    return [(SyntheticSource(modality, count=images_per_modality, size=size, seed=seed),
+             ConvertOptions(dataset=f"demo_{modality}", out_dir=out_dir, shard_size=shard_size, workers=workers,
+                            seed=seed, progress=progress))
+            for modality in MODALITIES]
+
+
 def write_demo_data(
     out_dir: str | pathlib.Path,  # or a bucket URL
     images_per_modality: int = 256,
@@ -155,14 +173,10 @@ def write_demo_data(
     workers: int = 1,
     progress: bool = False,
 ) -> list[mf.Manifest]:
-    """Writes OUT/demo_<modality>/ for all seven modalities (train/val/test); returns the manifests.
+    """Writes the demo_jobs; returns the manifests.
 
     Re-running with the same arguments keeps what is already written (the converter resumes).
     """
-    manifests = []
-    for modality in MODALITIES:
-        source = SyntheticSource(modality, count=images_per_modality, size=size, seed=seed)
-        options = ConvertOptions(dataset=f"demo_{modality}", out_dir=out_dir,
-                                 shard_size=shard_size, workers=workers, seed=seed, progress=progress)
-        manifests.append(convert(source, demo_key(seed), options).manifest)
-    return manifests
+    jobs = demo_jobs(out_dir, images_per_modality, size, seed, shard_size=shard_size, workers=workers,
+                     progress=progress)
+    return [convert(source, demo_key(seed), options).manifest for source, options in jobs]
