@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mermed_jax.eval import sweep  # noqa: E402
-from mermed_jax.eval.encoders import PIXELS, RANDOM, tag_step  # noqa: E402
+from mermed_jax.eval import sweep
+from mermed_jax.eval.encoders import PIXELS, RANDOM, tag_step
 
 
 def last_checkpoint_scores(results: list[dict], protocol: str, feature: str) -> dict[str, dict[str, float]]:
@@ -58,12 +55,13 @@ def main() -> None:
             table = last_checkpoint_scores(sweep.read_results(path), args.protocol, args.feature)
             per_setting.setdefault(name, []).append(table["pretrained"])
             for baseline in (RANDOM, PIXELS):
-                baselines.setdefault(baseline, table.get(baseline, {}))
+                if baseline in table:
+                    baselines.setdefault(baseline, table[baseline])
     datasets = sorted(next(iter(per_setting.values()))[0])
     print(f"{args.protocol} probe AUROC ({args.feature} features; pixels for the raw-pixel row), last checkpoint\n")
     print("| setting | runs | " + " | ".join(datasets) + " | mean |")
     print("|---|---|" + "---|" * (len(datasets) + 1))
-    for name, runs in list(per_setting.items()) + [(b, [baselines[b]]) for b in (RANDOM, PIXELS) if baselines[b]]:
+    for name, runs in list(per_setting.items()) + [(b, [baselines[b]]) for b in (RANDOM, PIXELS) if b in baselines]:
         scores = np.array([[run.get(d, np.nan) for d in datasets] for run in runs])
         mean = scores.mean(0)
         print(f"| {name} | {len(runs)} | " + " | ".join(f"{v:.3f}" for v in mean) + f" | {np.nanmean(mean):.3f} |")
