@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import math
 
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 from data_pipelines import storage  # noqa: E402
 from mermed_jax.eval import sweep  # noqa: E402
 from mermed_jax.eval.encoders import tag_step  # noqa: E402
+from mermed_jax.eval.report import save_figure  # noqa: E402
 from mermed_jax.training.metric_writers import read_metrics  # noqa: E402
 
 SIGNALS = ("loss", "teacher_entropy", "student_entropy", "teacher_embedding_std", "student_embedding_std")
@@ -120,10 +120,7 @@ def plot(signals: dict[str, tuple[np.ndarray, np.ndarray]], curve: dict[int, flo
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

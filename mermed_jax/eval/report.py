@@ -104,7 +104,7 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(fig: plt.Figure, path: str) -> None:
+def save_figure(fig: plt.Figure, path: str) -> None:
     """The figure as a PNG at `path` (any location); the figure is closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -142,7 +142,7 @@ def _plot_bars(summary: list[dict], path: str) -> list[str]:
         ax.set_title(titles[-1])
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return titles
 
 
@@ -176,7 +176,7 @@ def _plot_roc(rows: list[dict], eval_dir: str, path: str) -> None:
     for ax in axes.ravel()[len(datasets):]:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_steps(summary: list[dict], path: str) -> list[str]:
@@ -213,7 +213,7 @@ def _plot_steps(summary: list[dict], path: str) -> list[str]:
         ax.set_title(titles[-1], fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return titles
 
 
@@ -241,7 +241,7 @@ def _plot_fractions(summary: list[dict], path: str) -> None:
         ax.set_title(dataset, fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_embedding(eval_dir: str, encoder: str, path: str, feature: str = "cls") -> None:
@@ -271,7 +271,7 @@ def _plot_embedding(eval_dir: str, encoder: str, path: str, feature: str = "cls"
     axes[1].scatter(*xy.T, s=6, c=labels, cmap="tab10")
     axes[1].set_title("by label (first label of multi-label rows)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(eval_dir: str | os.PathLike, rows: list[dict], plots: bool = True) -> str:
