@@ -46,7 +46,7 @@ PRETRAIN_DATASETS = ("breastmnist", "pneumoniamnist", "retinamnist", "pathmnist_
 
 
 def get_config(arg: str | None = None):
-    options = dict(item.split("=", 1) for item in arg.split(",")) if arg else {}
+    options = arguments.parse_arguments(arg)
     root = options.pop("root", "/tmp/mermed_realdata/data")
     config = schema.paper_recipe()
     config.global_batch = 64
@@ -64,4 +64,4 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 25
     config.checkpoint.update(dict(every_steps=200, keep=100))
     config.profile.every_steps = 0
-    return arguments.apply_arguments(config, ",".join(f"{k}={v}" for k, v in options.items()))
+    return arguments.apply_arguments(config, options)

@@ -15,7 +15,7 @@ from mermed_jax.recipe import arguments
 
 
 def get_config(arg: str | None = None):
-    options = dict(item.split("=", 1) for item in arg.split(",")) if arg else {}
+    options = arguments.parse_arguments(arg)
     root = options.pop("root", "demo_data")
     config = eval_recipe()
     config.name = "demo"
@@ -25,4 +25,4 @@ def get_config(arg: str | None = None):
     config.data.update(dict(image_size=32, crop_fraction=1.0, batch_size=64))
     config.linear.update(dict(cs=(1e-2, 1e-1, 1.0), max_iter=300))
     config.bootstrap.resamples = 200
-    return arguments.apply_arguments(config, ",".join(f"{k}={v}" for k, v in options.items()))
+    return arguments.apply_arguments(config, options)

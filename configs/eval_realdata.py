@@ -34,7 +34,7 @@ PARTS = ("main", "probes", "finetune_full", "curve")
 
 
 def get_config(arg: str | None = None):
-    options = dict(item.split("=", 1) for item in arg.split(",")) if arg else {}
+    options = arguments.parse_arguments(arg)
     root = options.pop("root", "/tmp/mermed_realdata/data")
     part = options.pop("part", "main")
     features = options.pop("features", None)
@@ -62,4 +62,4 @@ def get_config(arg: str | None = None):
     config.linear.update(dict(cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), max_iter=1000))
     config.finetune.update(dict(image_size=IMAGE_SIZE, batch_size=64,
                                 label_fractions=(1.0,) if part == "finetune_full" else (0.01, 0.1)))
-    return arguments.apply_arguments(config, ",".join(f"{k}={v}" for k, v in options.items()))
+    return arguments.apply_arguments(config, options)

@@ -8,6 +8,7 @@ name or by a short alias listed in ALIASES.
 import ast
 import importlib.util
 import pathlib
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -21,14 +22,22 @@ ALIASES = {
 }
 
 
-def apply_arguments(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Applies 'key=value,key=value' (values parsed as Python literals, else strings)."""
-    if not arg:
-        return config
-    for item in arg.split(","):
+def parse_arguments(arg: str | None) -> dict[str, str]:
+    """'key=value,key=value' as {key: raw value}: what a config pops its own options from (a data
+    root, a sweep part) before apply_arguments sets the rest as fields."""
+    parsed: dict[str, str] = {}
+    for item in arg.split(",") if arg else ():
         if "=" not in item:
             raise ValueError(f"config argument {item!r}: expected key=value")
         key, raw = (s.strip() for s in item.split("=", 1))
+        parsed[key] = raw
+    return parsed
+
+
+def apply_arguments(config: ml_collections.ConfigDict, arg: str | Mapping[str, str] | None) -> ml_collections.ConfigDict:
+    """Applies 'key=value,key=value', or parse_arguments' mapping (values parsed as Python literals,
+    else strings)."""
+    for key, raw in (arg if isinstance(arg, Mapping) else parse_arguments(arg)).items():
         path = ALIASES.get(key, key)
         try:
             value = ast.literal_eval(raw)
