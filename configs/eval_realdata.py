@@ -13,10 +13,12 @@ Commands (ROOT: the output of bench/realdata_convert.sh; the real images never e
 The first is the main sweep (`part=main`): linear probe and kNN on all training labels for three
 feature choices, and full fine-tuning (protocols/finetune.py: the RETFound recipe at 64 px) at 1% and
 10% of the training labels with 3 seeds, where the random-init network is the supervised-from-scratch
-baseline. The second fine-tunes on all labels of the five small sets (all but PneumoniaMNIST's 4,707
+baseline. The second fine-tunes on all labels of the six small sets (all but PneumoniaMNIST's 4,707
 images, which would take longer than every other cell together). `part=probes` runs the probes alone
-(minutes: what the pretraining ablations are compared with). `part=curve` is the kNN AUROC
-of every checkpoint against its step (auroc_vs_step.png; with --watch, while pretraining runs).
+(minutes: what the pretraining ablations are compared with); `part=finetune` runs the fine-tuning at
+1% and 10% alone, to add seeds without rerunning the probes (a sweep runs its probe rows on all labels
+under its first seed). `part=curve` is the kNN AUROC of every checkpoint against its step
+(auroc_vs_step.png; with --watch, while pretraining runs).
 `features=multiblock+cls`, `baselines=none` (or `random`, `pixels`) and `seeds=0` narrow a sweep, e.g.
 for the ablation runs, whose random and raw-pixel floors are the recipe's, or to finish every cell's
 first seed before the others (rows already in results.csv are never rerun). AUROC carries a 1,000-resample bootstrap
@@ -30,7 +32,7 @@ DATASETS = ("breastmnist", "pneumoniamnist", "retinamnist", "pathmnist_train1000
 # Sets small enough to fine-tune on all of their labels, 3 seeds x 2 networks, in minutes each.
 SMALL_DATASETS = tuple(name for name in DATASETS if name != "pneumoniamnist")
 IMAGE_SIZE = 64
-PARTS = ("main", "probes", "finetune_full", "curve")
+PARTS = ("main", "probes", "finetune", "finetune_full", "curve")
 
 
 def get_config(arg: str | None = None):
@@ -43,12 +45,12 @@ def get_config(arg: str | None = None):
     if part not in PARTS:
         raise ValueError(f"part={part!r}: expected one of {PARTS}")
     config = eval_recipe()
-    config.name = {"main": "realdata", "probes": "realdata", "finetune_full": "realdata_finetune_full",
-                   "curve": "realdata_curve"}[part]
+    config.name = {"main": "realdata", "probes": "realdata", "finetune": "realdata",
+                   "finetune_full": "realdata_finetune_full", "curve": "realdata_curve"}[part]
     names = SMALL_DATASETS if part == "finetune_full" else DATASETS
     config.datasets.update({name: f"{root}/{name}" for name in names})
     config.protocols = {"main": ("linear", "knn", "finetune"), "probes": ("linear", "knn"),
-                        "finetune_full": ("finetune",), "curve": ("knn",)}[part]
+                        "finetune": ("finetune",), "finetune_full": ("finetune",), "curve": ("knn",)}[part]
     config.features = ("multiblock",) if part == "curve" else ("cls", "patch_mean", "multiblock")
     if part == "curve":
         config.checkpoints = "all"

@@ -122,10 +122,12 @@ def test_the_real_image_recipe_and_its_ablations_validate(ablation):
 def test_the_real_image_sweep_parts():
     from mermed_jax.eval.eval_config import validate
 
-    main, full, curve = (cfg("eval_realdata", f"root=/d,part={p}") for p in ("main", "finetune_full", "curve"))
-    for c in (main, full, curve):
+    main, finetune, full, curve = (cfg("eval_realdata", f"root=/d,part={p}")
+                                   for p in ("main", "finetune", "finetune_full", "curve"))
+    for c in (main, finetune, full, curve):
         validate(c)
     assert main.protocols == ("linear", "knn", "finetune") and main.finetune.label_fractions == (0.01, 0.1)
+    assert finetune.protocols == ("finetune",) and finetune.name == main.name and finetune.datasets == main.datasets
     assert "pneumoniamnist" not in full.datasets and full.finetune.label_fractions == (1.0,)
     assert curve.checkpoints == "all" and curve.features == ("multiblock",)
     narrowed = cfg("eval_realdata", "root=/d,part=probes,features=multiblock+cls,baselines=none,seeds=0+2")
