@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. finetune.epochs=200)")
     args = parser.parse_args()
 
+    for item in args.overrides:
+        if "=" not in item:
+            parser.error(f"override {item!r}: expected key=value")
     path, _, config_arg = args.config.partition(":")
     config = arguments.load_config_file(path, config_arg or None)
     arguments.apply_arguments(config, dict(item.split("=", 1) for item in args.overrides))
